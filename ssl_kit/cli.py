@@ -1,0 +1,72 @@
+"""LightningCLI for ssl_kit: methods and DataModules chosen by name, checkpoints and logs under one run folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+import ssl_kit.data  # noqa: F401 - registers DataModules for short class names
+import ssl_kit.methods  # noqa: F401 - registers methods for short class names
+import ssl_kit.transforms  # noqa: F401 - registers view augmentations for short class names
+from ssl_kit.data import SSLDataModule
+from ssl_kit.methods import SSLMethod
+
+DEFAULT_ROOT = "runs/default"
+
+
+class SSLCLI(LightningCLI):
+    """``model`` and ``data`` are subclasses of ``SSLMethod`` / ``SSLDataModule``; the data's
+    ``num_classes`` and ``image_size`` are linked into the model. Two checkpoint callbacks are
+    always present: ``last_checkpoint`` (``last.ckpt`` every epoch, for ``--ckpt_path last``) and
+    ``checkpoint`` (kept every ``every_n_epochs``), both in ``<default_root_dir>/checkpoints``."""
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("trainer_defaults", {"default_root_dir": DEFAULT_ROOT})
+        super().__init__(
+            SSLMethod, SSLDataModule, subclass_mode_model=True, subclass_mode_data=True, auto_configure_optimizers=False, **kwargs
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.filename": "epoch{epoch:04d}",
+                "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.save_top_k": -1,
+                "checkpoint.every_n_epochs": 10,
+            }
+        )
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.set_defaults({"last_checkpoint.save_last": True, "last_checkpoint.save_top_k": 0})
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
+        root = Path(config.get("default_root_dir") or DEFAULT_ROOT)
+        for callback in callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                callback.dirpath = str(root / "checkpoints")
+        if config.get("logger") in (None, True):
+            config["logger"] = [CSVLogger(str(root), name="csv"), TensorBoardLogger(str(root), name="tensorboard")]
+            callbacks.append(LearningRateMonitor("step"))
+        return super()._instantiate_trainer(config, callbacks)
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        lines = ["", "ssl_kit: training finished"]
+        for key in ("val/probe_acc", "val/knn_acc", "train/loss"):
+            if key in metrics:
+                lines.append(f"  {key:<15} {float(metrics[key]):.4f}")
+        if trainer.checkpoint_callback is not None:
+            lines.append(f"  checkpoints     {trainer.checkpoint_callback.dirpath}")
+        for logger in trainer.loggers:
+            lines.append(f"  {type(logger).__name__:<15} {logger.log_dir}")
+        print("\n".join(lines), flush=True)
+

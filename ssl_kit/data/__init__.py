@@ -1,0 +1,20 @@
+from ssl_kit.data.base import Splits, SSLDataModule
+from ssl_kit.data.image import (
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    DigitsDataModule,
+    ImageFolderDataModule,
+    MNISTDataModule,
+    STL10DataModule,
+)
+
+__all__ = [
+    "Splits",
+    "SSLDataModule",
+    "DigitsDataModule",
+    "MNISTDataModule",
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "STL10DataModule",
+    "ImageFolderDataModule",
+]

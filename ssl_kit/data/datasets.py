@@ -1,0 +1,131 @@
+"""Map-style datasets returning ``(PIL image, label)``; transforms are applied by ``Transformed``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import ConcatDataset, Dataset, default_collate
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+class UnreadableFileError(RuntimeError):
+    """A sample file could not be decoded; the message names the file."""
+
+
+class ArrayImages(Dataset):
+    """Images held as a uint8 array ``(N, H, W)`` or ``(N, H, W, 3)`` (memory-mapped arrays work too)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        image = Image.fromarray(np.asarray(self.images[index]))
+        return image.convert("RGB"), int(self.labels[index])
+
+
+class FileImages(Dataset):
+    """Images read from files; a bad file raises ``UnreadableFileError`` naming it, or yields
+    ``None`` when ``skip_bad_files`` is set (``collate_skipping_bad`` then drops and counts it)."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], skip_bad_files: bool = False) -> None:
+        self.samples = list(samples)
+        self.labels = np.array([label for _, label in self.samples], dtype=np.int64)
+        self.skip_bad_files = skip_bad_files
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int] | None:
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB"), label
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+            if self.skip_bad_files:
+                log.warning("skipping unreadable image %s (%s)", path, error)
+                return None
+            raise UnreadableFileError(
+                f"cannot read image file {path}: {error}. Fix or remove it, or pass "
+                "--data.skip_bad_files true to skip unreadable files."
+            ) from error
+
+
+class Transformed(Dataset):
+    """The samples of ``base`` at ``indices`` (all when None), with ``transform`` applied when given."""
+
+    def __init__(
+        self, base: Dataset, transform: Callable[[Any], Any] | None = None, indices: Sequence[int] | None = None
+    ) -> None:
+        self.base = base
+        self.transform = transform
+        self.indices = np.arange(len(base)) if indices is None else np.asarray(indices, dtype=np.int64)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return labels_of(self.base)[self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | None:
+        item = self.base[int(self.indices[index])]
+        if item is None or self.transform is None:
+            return item
+        sample, label = item
+        return self.transform(sample), label
+
+
+class Concatenated(ConcatDataset):
+    """``ConcatDataset`` that keeps the labels of its parts."""
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.concatenate([labels_of(part) for part in self.datasets])
+
+
+def collate_skipping_bad(batch: list) -> Any:
+    """Default collation after dropping samples that ``FileImages`` could not read, with a log line."""
+    kept = [item for item in batch if item is not None]
+    if len(kept) < len(batch):
+        log.warning("dropped %d unreadable file(s) from a batch of %d", len(batch) - len(kept), len(batch))
+    if not kept:
+        return None
+    return default_collate(kept)
+
+
+def labels_of(dataset: Dataset) -> np.ndarray:
+    """Labels of a dataset built here, without decoding images."""
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        raise TypeError(f"{type(dataset).__name__} does not expose labels")
+    return np.asarray(labels)
+
+
+def find_image_files(directory: Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """``directory/<class>/**/<image>`` samples and sorted class names (ImageFolder layout)."""
+    classes = sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise FileNotFoundError(f"no class sub-folders in {directory}; expected {directory}/<class>/<image files>")
+    samples = [
+        (str(path), label)
+        for label, name in enumerate(classes)
+        for path in sorted((directory / name).rglob("*"))
+        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+    ]
+    if not samples:
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {directory}")
+    return samples, classes
+

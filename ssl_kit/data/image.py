@@ -1,0 +1,268 @@
+"""Image DataModules: embedded digits, MNIST, CIFAR-10/100, STL-10 and ImageFolder."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import pickle
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ssl_kit.data.base import Splits, SSLDataModule, unlabeled
+from ssl_kit.data.datasets import ArrayImages, Concatenated, FileImages, find_image_files
+from ssl_kit.data.splits import stratified_split
+
+log = logging.getLogger(__name__)
+
+#: Fixed seed for carving a test set out of datasets that have none, so it never moves with ``seed``.
+TEST_SPLIT_SEED = 12345
+
+
+def _require_root(root: str | None, name: str) -> Path:
+    if root is None:
+        raise ValueError(f"{name} needs --data.root pointing at the dataset directory")
+    return Path(root).expanduser()
+
+
+def _obtain(found: Callable[[], bool], download: Callable[[], None], allowed: bool, missing: str) -> None:
+    """Downloads when allowed and possible; otherwise fails saying what to put where."""
+    if found():
+        return
+    if allowed:
+        try:
+            download()
+        except Exception as error:  # noqa: BLE001 - any network failure becomes the same clear message
+            log.warning("download failed: %s", error)
+    if not found():
+        raise FileNotFoundError(missing)
+
+
+class DigitsDataModule(SSLDataModule):
+    """scikit-learn's 1,797 real 8x8 handwritten digits, shipped offline: the default dataset.
+
+    Split (seeded, stratified): 20% test (fixed), then ``val_fraction`` of the rest as val.
+    """
+
+    num_classes = 10
+    mean = (0.3049,) * 3
+    std = (0.3822,) * 3
+    default_image_size = 32
+
+    default_val_fraction = 0.2
+
+    def load_splits(self) -> Splits:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = np.clip(digits.images * 16, 0, 255).astype(np.uint8)
+        rest, test = stratified_split(digits.target, 0.2, TEST_SPLIT_SEED)
+        train_val = ArrayImages(images[rest], digits.target[rest])
+        train, val = self.holdout_val(train_val)
+        return Splits(pretrain=train, train=train, val=val, test=ArrayImages(images[test], digits.target[test]))
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Reads an MNIST idx file (optionally gzipped): big-endian header, then raw uint8."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 8 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path} is not an idx file of unsigned bytes (bad magic number)")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise ValueError(f"{path} is truncated: header says {shape}, found {body.size} bytes of data")
+    return body.reshape(shape)
+
+
+class MNISTDataModule(SSLDataModule):
+    """MNIST from the original idx files (``.gz`` or not) in ``root`` or ``root/MNIST/raw``.
+
+    Pretraining and the labeled train set use the training file minus a seeded, stratified
+    ``val_fraction``; ``test`` is the official t10k set.
+    """
+
+    num_classes = 10
+    mean = (0.1307,) * 3
+    std = (0.3081,) * 3
+    default_image_size = 28
+    files = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+    def _locate(self, root: Path, name: str) -> Path | None:
+        for folder in (root, root / "MNIST" / "raw"):
+            for candidate in (folder / name, folder / f"{name}.gz"):
+                if candidate.is_file():
+                    return candidate
+        return None
+
+    def load_splits(self) -> Splits:
+        root = _require_root(self.root, "MNIST")
+
+        def download() -> None:
+            from torchvision.datasets import MNIST
+
+            MNIST(str(root), download=True)
+
+        _obtain(
+            lambda: all(self._locate(root, name) for name in self.files),
+            download,
+            self.download,
+            f"MNIST files not found in {root}: expected {', '.join(self.files)} (optionally .gz) there or in "
+            f"{root / 'MNIST' / 'raw'}. Download them (torchvision.datasets.MNIST(root, download=True) does) "
+            "and put them in that directory.",
+        )
+        train_x, train_y, test_x, test_y = (read_idx(self._locate(root, name)) for name in self.files)
+        train, val = self.holdout_val(ArrayImages(train_x, train_y))
+        return Splits(pretrain=train, train=train, val=val, test=ArrayImages(test_x, test_y))
+
+
+def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as handle:
+            entry = pickle.load(handle, encoding="latin1")
+        images = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        return np.ascontiguousarray(images), np.asarray(entry[label_key], dtype=np.int64)
+    except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as error:
+        raise ValueError(f"cannot read CIFAR batch file {path}: {error}") from error
+
+
+class CIFAR10DataModule(SSLDataModule):
+    """CIFAR-10 from its python pickle batches in ``root/cifar-10-batches-py``; test is the official test batch."""
+
+    num_classes = 10
+    mean = (0.4914, 0.4822, 0.4465)
+    std = (0.2470, 0.2435, 0.2616)
+    default_image_size = 32
+    folder = "cifar-10-batches-py"
+    train_files = tuple(f"data_batch_{i}" for i in range(1, 6))
+    test_files = ("test_batch",)
+    label_key = "labels"
+
+    def _download(self, root: Path) -> None:
+        from torchvision.datasets import CIFAR10
+
+        CIFAR10(str(root), download=True)
+
+    def _read(self, folder: Path, names: tuple[str, ...]) -> ArrayImages:
+        parts = [_read_cifar_batch(folder / name, self.label_key) for name in names]
+        return ArrayImages(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+
+    def load_splits(self) -> Splits:
+        root = _require_root(self.root, type(self).__name__)
+        folder = root / self.folder
+        names = self.train_files + self.test_files
+        _obtain(
+            lambda: all((folder / name).is_file() for name in names),
+            lambda: self._download(root),
+            self.download,
+            f"{self.folder} not found under {root}: expected {folder}/{{{', '.join(names)}}}. Download the "
+            f"python version of the dataset (torchvision.datasets.{type(self).__name__[:-10]}(root, "
+            "download=True) does) and extract it there.",
+        )
+        train, val = self.holdout_val(self._read(folder, self.train_files))
+        return Splits(pretrain=train, train=train, val=val, test=self._read(folder, self.test_files))
+
+
+class CIFAR100DataModule(CIFAR10DataModule):
+    """CIFAR-100 (fine labels) from ``root/cifar-100-python``."""
+
+    num_classes = 100
+    mean = (0.5071, 0.4865, 0.4409)
+    std = (0.2673, 0.2564, 0.2762)
+    folder = "cifar-100-python"
+    train_files = ("train",)
+    test_files = ("test",)
+    label_key = "fine_labels"
+
+    def _download(self, root: Path) -> None:
+        from torchvision.datasets import CIFAR100
+
+        CIFAR100(str(root), download=True)
+
+
+def read_stl10_images(path: Path) -> np.ndarray:
+    """STL-10 binary images: uint8, column-major 3x96x96 each; memory-mapped, returned as (N, 96, 96, 3)."""
+    size = path.stat().st_size
+    if size % (3 * 96 * 96):
+        raise ValueError(f"{path} is truncated: {size} bytes is not a whole number of 3x96x96 images")
+    return np.memmap(path, dtype=np.uint8, mode="r").reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1)
+
+
+class STL10DataModule(SSLDataModule):
+    """STL-10 from ``root/stl10_binary``; pretraining uses the unlabeled split (plus train by default)."""
+
+    num_classes = 10
+    mean = (0.4467, 0.4398, 0.4066)
+    std = (0.2603, 0.2566, 0.2713)
+    default_image_size = 96
+    files = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "unlabeled_X.bin")
+
+    def __init__(self, *args, pretrain_with_train: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pretrain_with_train = pretrain_with_train
+
+    def _labeled(self, folder: Path, split: str) -> ArrayImages:
+        images = read_stl10_images(folder / f"{split}_X.bin")
+        labels = np.fromfile(folder / f"{split}_y.bin", dtype=np.uint8).astype(np.int64) - 1
+        return ArrayImages(images, labels)
+
+    def load_splits(self) -> Splits:
+        root = _require_root(self.root, "STL10")
+        folder = root / "stl10_binary"
+
+        def download() -> None:
+            from torchvision.datasets import STL10
+
+            STL10(str(root), split="unlabeled", download=True)
+
+        _obtain(
+            lambda: all((folder / name).is_file() for name in self.files),
+            download,
+            self.download,
+            f"STL-10 not found: expected {folder}/{{{', '.join(self.files)}}}. Download the binary version "
+            "(torchvision.datasets.STL10(root, download=True) does) and extract it there.",
+        )
+        labeled = self._labeled(folder, "train")
+        unlabeled_images = read_stl10_images(folder / "unlabeled_X.bin")
+        pool = ArrayImages(unlabeled_images, unlabeled(len(unlabeled_images)))
+        train, val = self.holdout_val(labeled)
+        pretrain = Concatenated([train, pool]) if self.pretrain_with_train else pool
+        return Splits(pretrain=pretrain, train=train, val=val, test=self._labeled(folder, "test"))
+
+
+class ImageFolderDataModule(SSLDataModule):
+    """ImageNet / Imagenette layout: ``root/train/<class>/*`` and, optionally, ``root/val/<class>/*``
+    and ``root/test/<class>/*``. Without ``val`` a seeded stratified ``val_fraction`` of train is held out."""
+
+    default_image_size = 224
+    center_crop_ratio = 0.875
+
+    def __init__(self, root: str, *args, **kwargs) -> None:
+        super().__init__(root, *args, **kwargs)
+        train_dir = Path(root).expanduser() / "train"
+        if not train_dir.is_dir():
+            raise FileNotFoundError(f"ImageFolder root {root} has no train/ directory: expected {train_dir}/<class>/*")
+        self.classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        self.num_classes = len(self.classes)
+
+    def _split(self, name: str) -> FileImages | None:
+        directory = Path(self.root).expanduser() / name
+        if not directory.is_dir():
+            return None
+        samples, classes = find_image_files(directory)
+        unknown = sorted(set(classes) - set(self.classes))
+        if unknown:
+            raise ValueError(f"{directory} has classes not in train/: {', '.join(unknown)}")
+        index = {name: i for i, name in enumerate(self.classes)}
+        remapped = [(path, index[classes[label]]) for path, label in samples]
+        return FileImages(remapped, skip_bad_files=self.skip_bad_files)
+
+    def load_splits(self) -> Splits:
+        train = self._split("train")
+        val = self._split("val")
+        if val is None:
+            train, val = self.holdout_val(train)
+        return Splits(pretrain=train, train=train, val=val, test=self._split("test"))

@@ -1,0 +1,3 @@
+from ssl_kit.losses.barlow_twins import BarlowTwinsLoss
+
+__all__ = ["BarlowTwinsLoss"]

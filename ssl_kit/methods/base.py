@@ -1,0 +1,154 @@
+"""Shared base for self-supervised methods: backbone, optimisation recipe, online monitors, NaN guard."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from ssl_kit.evaluation import knn_predict
+from ssl_kit.models.backbones import backbone_spec, build_from_spec
+from ssl_kit.optim import OptimizerName, build_optimizer, decay_groups, warmup_cosine
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+class SSLMethod(L.LightningModule):
+    """A backbone trained by a method-specific ``training_loss``; subclasses add a head and a loss.
+
+    Everything else is shared: parameter groups without weight decay on biases and norms;
+    SGD / LARS / AdamW; linear warmup + cosine stepped per optimizer step; an online linear
+    probe on *detached* features of the first view (trained on the labeled part of each
+    pretraining batch, evaluated on the validation set) and a kNN monitor (bank: the first
+    validation loader); a guard that stops on a non-finite loss before the optimizer step.
+
+    ``image_size`` and ``num_classes`` are linked from the DataModule by the CLI.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        image_size: int = 224,
+        num_classes: int = 10,
+        small_image: bool | None = None,
+        optimizer: OptimizerName = "sgd",
+        lr: float = 0.1,
+        weight_decay: float = 1e-4,
+        momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_epochs: float = 10.0,
+        min_lr_fraction: float = 0.0,
+        probe_lr: float = 0.1,
+        knn_k: int = 20,
+        knn_temperature: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone_spec = backbone_spec(backbone, image_size, small_image)
+        self.backbone = build_from_spec(self.backbone_spec)
+        self.feature_dim: int = self.backbone.num_features
+        self.probe = nn.Linear(self.feature_dim, num_classes)
+        self.probe_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self._bank: list[tuple[Tensor, Tensor]] = []
+        self._queries: list[tuple[Tensor, Tensor]] = []
+
+    # -- the part each method writes -------------------------------------------------------
+    projector: nn.Module
+    criterion: nn.Module
+
+    def training_loss(self, views: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Returns the self-supervised loss and the backbone features of the first view.
+
+        The default suits two-view methods: both views through the backbone and
+        ``self.projector``, compared by ``self.criterion``. Methods with other shapes override it.
+        """
+        features = [self.backbone(view) for view in views[:2]]
+        z0, z1 = (self.projector(f) for f in features)
+        return self.criterion(z0, z1), features[0]
+
+    # -- training --------------------------------------------------------------------------
+    def forward(self, images: Tensor) -> Tensor:
+        return self.backbone(images)
+
+    def training_step(self, batch: tuple[list[Tensor], Tensor], batch_idx: int) -> Tensor:
+        views, labels = batch
+        loss, features = self.training_loss(views)
+        self.stop_if_not_finite(loss)
+        probe_loss = self.probe_loss(features.detach(), labels)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/probe_loss", probe_loss)
+        return loss + probe_loss
+
+    def probe_loss(self, features: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy of the online probe on labeled samples (label >= 0); zero when there are none."""
+        logits = self.probe(features)
+        labeled = (labels >= 0).sum().clamp(min=1)
+        return F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum") / labeled
+
+    def stop_if_not_finite(self, loss: Tensor) -> None:
+        finite = bool(torch.isfinite(loss).item())
+        if self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            callback = self.trainer.checkpoint_callback
+            where = getattr(callback, "dirpath", None) or "(no checkpoint callback)"
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at epoch {self.current_epoch}, global step {self.global_step}. "
+                "Stopped before the optimizer step; checkpoints already written are untouched "
+                f"(last good one in {where}). Lower --model.lr, lengthen --model.warmup_epochs "
+                "or set --trainer.gradient_clip_val, then resume with --ckpt_path last."
+            )
+
+    # -- online monitors -------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._bank.clear()
+        self._queries.clear()
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels = batch
+        features = self.backbone(images)
+        if dataloader_idx == 0:
+            self._bank.append((features, labels))
+            return
+        self._queries.append((features, labels))
+        self.probe_accuracy(self.probe(features), labels)
+        self.log("val/probe_acc", self.probe_accuracy, prog_bar=True, add_dataloader_idx=False)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._bank or not self._queries:
+            return
+        bank, bank_labels = (self._gathered(part) for part in zip(*self._bank))
+        queries, query_labels = (self._gathered(part) for part in zip(*self._queries))
+        scores = knn_predict(
+            queries, bank, bank_labels, self.hparams.num_classes, self.hparams.knn_k, self.hparams.knn_temperature
+        )
+        accuracy = (scores.argmax(1) == query_labels).float().mean()
+        self.log("val/knn_acc", accuracy, prog_bar=True, rank_zero_only=True)
+        self._bank.clear()
+        self._queries.clear()
+
+    def _gathered(self, parts: tuple[Tensor, ...]) -> Tensor:
+        local = torch.cat(parts)
+        return self.all_gather(local).flatten(0, 1) if self.trainer.world_size > 1 else local
+
+    # -- optimisation ----------------------------------------------------------------------
+    def ssl_modules(self) -> list[nn.Module]:
+        """Modules trained by the self-supervised loss (everything but the probe)."""
+        return [module for name, module in self.named_children() if name not in ("probe", "probe_accuracy")]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = decay_groups(self.ssl_modules(), hp.weight_decay)
+        groups.append({"params": list(self.probe.parameters()), "weight_decay": 0.0, "lr": hp.probe_lr})
+        optimizer = build_optimizer(hp.optimizer, groups, hp.lr, hp.momentum, hp.betas)
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        warmup = min(total, int(round(hp.warmup_epochs * total / epochs)))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total, hp.min_lr_fraction)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

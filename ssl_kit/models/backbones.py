@@ -1,0 +1,72 @@
+"""timm backbones by name, with small-image variants and their feature dimension exposed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+#: Images at or below this side use the small-image variant (CIFAR stem / small ViT patches).
+SMALL_IMAGE_MAX = 64
+
+
+def small_patch_size(image_size: int) -> int:
+    """ViT patch side for small images: 4 px at 32 px (8x8 tokens), 8 px at 64 px."""
+    return 4 if image_size <= 32 else 8
+
+
+def backbone_spec(name: str, image_size: int, small_image: bool | None = None) -> dict[str, Any]:
+    """Everything needed to rebuild the backbone: timm name and kwargs, plus the stem change."""
+    small = image_size <= SMALL_IMAGE_MAX if small_image is None else small_image
+    kwargs: dict[str, Any] = {"num_classes": 0}
+    cifar_stem = False
+    if name.startswith(("vit", "deit")):
+        kwargs["img_size"] = image_size
+        if small:
+            kwargs["patch_size"] = small_patch_size(image_size)
+    elif name.startswith(("resnet", "resnext", "wide_resnet")):
+        cifar_stem = small
+    return {"name": name, "kwargs": kwargs, "cifar_stem": cifar_stem}
+
+
+def build_from_spec(spec: dict[str, Any]) -> nn.Module:
+    model = timm.create_model(spec["name"], pretrained=False, **spec["kwargs"])
+    if spec.get("cifar_stem"):
+        # 3x3 stride-1 first conv and no max-pool: the standard ResNet stem for 32 px images.
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    return model
+
+
+def create_backbone(name: str, image_size: int, small_image: bool | None = None) -> nn.Module:
+    """A timm model returning pooled features; ``model.num_features`` is the feature dimension.
+
+    ``small_image`` (default: image side <= 64) swaps ResNets to the CIFAR stem and gives ViTs
+    4 px (32 px images) or 8 px patches.
+    """
+    return build_from_spec(backbone_spec(name, image_size, small_image))
+
+
+def export_backbone(state_dict: dict[str, torch.Tensor], spec: dict[str, Any], out: str | Path) -> Path:
+    """Writes ``<out>`` (a plain state dict) and ``<out>.json`` (how to build the model for it).
+
+    For standard variants ``timm.create_model(name, num_classes=0).load_state_dict(torch.load(out))``
+    works; ``load_exported_backbone`` handles the small-image variants too.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state_dict, out)
+    out.with_suffix(out.suffix + ".json").write_text(json.dumps(spec, indent=2))
+    return out
+
+
+def load_exported_backbone(path: str | Path) -> nn.Module:
+    path = Path(path)
+    spec = json.loads(path.with_suffix(path.suffix + ".json").read_text())
+    model = build_from_spec(spec)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model

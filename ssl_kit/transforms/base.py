@@ -1,0 +1,40 @@
+"""The one interface between data and methods for augmentation.
+
+A ``ViewAugmentation`` turns one decoded sample into the list of views a method
+trains on. It has two stages so that a batched, on-device implementation can
+replace per-sample CPU transforms without touching methods or DataModules:
+
+* ``__call__(sample) -> list[Tensor]`` runs per sample inside loader workers;
+* ``on_device(views) -> list[Tensor]`` runs once per batch after transfer to
+  the training device (identity for per-sample augmentations).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Sequence
+
+from torch import Tensor
+
+
+class ViewAugmentation(ABC):
+    """Makes the training views of one sample; configured by the DataModule."""
+
+    def configure(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Receives the dataset's geometry and normalisation before first use."""
+        self.image_size = image_size
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.build()
+
+    @abstractmethod
+    def build(self) -> None:
+        """Builds the pipelines once ``image_size``, ``mean`` and ``std`` are known."""
+
+    @abstractmethod
+    def __call__(self, sample: Any) -> list[Tensor]:
+        """Per-sample stage: one decoded sample in, a list of view tensors out."""
+
+    def on_device(self, views: list[Tensor]) -> list[Tensor]:
+        """Batched stage on the training device; identity for per-sample pipelines."""
+        return views
