@@ -26,6 +26,8 @@ class SSLCLI(LightningCLI):
 
     def __init__(self, **kwargs) -> None:
         kwargs.setdefault("trainer_defaults", {"default_root_dir": DEFAULT_ROOT})
+        # No prefix matching: a mistyped key such as --trainer.max_epoch must fail, not guess.
+        kwargs.setdefault("parser_kwargs", {"allow_abbrev": False, "fit": {"allow_abbrev": False}})
         super().__init__(
             SSLMethod, SSLDataModule, subclass_mode_model=True, subclass_mode_data=True, auto_configure_optimizers=False, **kwargs
         )
@@ -40,10 +42,19 @@ class SSLCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
                 "checkpoint.save_top_k": -1,
                 "checkpoint.every_n_epochs": 10,
+                "checkpoint.enable_version_counter": False,
             }
         )
+        # Lightning writes save_last only alongside another save, so "last" is its own top-1 file.
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
-        parser.set_defaults({"last_checkpoint.save_last": True, "last_checkpoint.save_top_k": 0})
+        parser.set_defaults(
+            {
+                "last_checkpoint.filename": "last",
+                "last_checkpoint.save_top_k": 1,
+                "last_checkpoint.every_n_epochs": 1,
+                "last_checkpoint.enable_version_counter": False,
+            }
+        )
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
         root = Path(config.get("default_root_dir") or DEFAULT_ROOT)

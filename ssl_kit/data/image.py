@@ -66,11 +66,16 @@ class DigitsDataModule(SSLDataModule):
 def read_idx(path: Path) -> np.ndarray:
     """Reads an MNIST idx file (optionally gzipped): big-endian header, then raw uint8."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (EOFError, gzip.BadGzipFile) as error:
+        raise ValueError(f"{path} is truncated or not a valid gzip file: {error}") from error
     if len(data) < 8 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ValueError(f"{path} is not an idx file of unsigned bytes (bad magic number)")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path} is truncated: {len(data)} bytes is shorter than its {ndim}-d header")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
@@ -186,8 +191,8 @@ class CIFAR100DataModule(CIFAR10DataModule):
 def read_stl10_images(path: Path) -> np.ndarray:
     """STL-10 binary images: uint8, column-major 3x96x96 each; memory-mapped, returned as (N, 96, 96, 3)."""
     size = path.stat().st_size
-    if size % (3 * 96 * 96):
-        raise ValueError(f"{path} is truncated: {size} bytes is not a whole number of 3x96x96 images")
+    if size == 0 or size % (3 * 96 * 96):
+        raise ValueError(f"{path} is empty or truncated: {size} bytes is not a whole number of 3x96x96 images")
     return np.memmap(path, dtype=np.uint8, mode="r").reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1)
 
 

@@ -51,7 +51,9 @@ class SSLMethod(L.LightningModule):
         self.backbone_spec = backbone_spec(backbone, image_size, small_image)
         self.backbone = build_from_spec(self.backbone_spec)
         self.feature_dim: int = self.backbone.num_features
-        self.probe = nn.Linear(self.feature_dim, num_classes)
+        # BatchNorm without affine before the linear head (as in MAE's probe) makes the probe
+        # insensitive to the feature scale, which drifts during pretraining.
+        self.probe = nn.Sequential(nn.BatchNorm1d(self.feature_dim, affine=False), nn.Linear(self.feature_dim, num_classes))
         self.probe_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self._bank: list[tuple[Tensor, Tensor]] = []
         self._queries: list[tuple[Tensor, Tensor]] = []

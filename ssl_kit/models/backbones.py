@@ -37,7 +37,7 @@ def build_from_spec(spec: dict[str, Any]) -> nn.Module:
     model = timm.create_model(spec["name"], pretrained=False, **spec["kwargs"])
     if spec.get("cifar_stem"):
         # 3x3 stride-1 first conv and no max-pool: the standard ResNet stem for 32 px images.
-        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        model.conv1 = nn.Conv2d(3, model.bn1.num_features, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
     return model
 

@@ -1,0 +1,43 @@
+"""``python -m ssl_kit.export CKPT OUT``: the trained backbone of a checkpoint as a timm state dict.
+
+Loads weights only (no optimizer, no trainer). ``OUT`` loads with
+``timm.create_model(name, num_classes=0).load_state_dict(torch.load(OUT))`` for standard
+backbones; ``ssl_kit.models.load_exported_backbone(OUT)`` also rebuilds small-image variants
+from ``OUT.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ssl_kit.models.backbones import backbone_spec, export_backbone
+
+
+def backbone_from_checkpoint(ckpt_path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The backbone state dict and its build spec, read from an ssl_kit Lightning checkpoint."""
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    hparams = checkpoint.get("hyper_parameters", {})
+    if "backbone" not in hparams or "state_dict" not in checkpoint:
+        raise ValueError(f"{ckpt_path} is not an ssl_kit method checkpoint (no backbone hyper-parameter)")
+    prefix = "backbone."
+    state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    spec = backbone_spec(hparams["backbone"], hparams["image_size"], hparams.get("small_image"))
+    return state, spec
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="ssl_kit checkpoint (.ckpt)")
+    parser.add_argument("out", help="output state-dict file, e.g. backbone.pt")
+    args = parser.parse_args(argv)
+    state, spec = backbone_from_checkpoint(args.checkpoint)
+    out = export_backbone(state, spec, args.out)
+    print(f"backbone {spec['name']} ({len(state)} tensors) written to {out} (build spec in {out}.json)")
+    return out
+
+
+if __name__ == "__main__":
+    main()

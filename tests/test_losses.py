@@ -1,0 +1,195 @@
+"""Single-process checks of the SSL losses against explicit formulas.
+
+* NT-Xent: lightly's ``NTXentLoss(temperature, gather_distributed=True)``, exactly as
+  ``ssl_kit.methods.simclr.SimCLR`` builds it, against a loop over the 2N anchors of the
+  SimCLR formula, plus a hand-computed limit case.
+* Barlow Twins: ``ssl_kit.losses.BarlowTwinsLoss`` against a numpy implementation of the
+  paper's formula, a perfectly-correlated / decorrelated input (loss ~ 0), and its relation to
+  lightly's ``BarlowTwinsLoss``.
+
+``ssl_kit.losses.BarlowTwinsLoss`` computes in float32 (it calls ``.float()`` so that
+fp16/bf16 projector outputs are standardised in full precision); float64 inputs are therefore
+compared with float32 tolerances.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from lightly.loss import BarlowTwinsLoss as LightlyBarlowTwinsLoss
+from lightly.loss import NTXentLoss
+
+from ssl_kit.losses import BarlowTwinsLoss
+
+
+# --------------------------------------------------------------------------------------------
+# NT-Xent
+# --------------------------------------------------------------------------------------------
+def ntxent_reference(out0: np.ndarray, out1: np.ndarray, temperature: float) -> float:
+    """SimCLR's NT-Xent written as a loop: every one of the 2N embeddings is an anchor whose
+    positive is the other view of the same sample; every other embedding is in the denominator."""
+    z = np.concatenate([out0, out1], axis=0).astype(np.float64)
+    two_n = z.shape[0]
+    n = two_n // 2
+
+    def cos(u: np.ndarray, v: np.ndarray) -> float:
+        return float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))
+
+    total = 0.0
+    for a in range(two_n):
+        p = (a + n) % two_n
+        numerator = math.exp(cos(z[a], z[p]) / temperature)
+        denominator = sum(math.exp(cos(z[a], z[k]) / temperature) for k in range(two_n) if k != a)
+        total += -math.log(numerator / denominator)
+    return total / two_n
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_ntxent_matches_loop_formula(temperature: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    n, d = 6, 5
+    out0 = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    out1 = out0 + 0.5 * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    # cosine similarity: arbitrary positive rescaling of each embedding must not matter
+    out1 = out1 * torch.rand(n, 1, generator=gen, dtype=torch.float64).add(0.5)
+
+    loss = NTXentLoss(temperature=temperature, gather_distributed=True)(out0, out1)
+    expected = ntxent_reference(out0.numpy(), out1.numpy(), temperature)
+
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(expected, rel=1e-10, abs=1e-12)
+
+
+def test_ntxent_temperature_changes_value() -> None:
+    """The two temperatures above are really exercised (different values)."""
+    gen = torch.Generator().manual_seed(1)
+    out0 = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    out1 = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    a = NTXentLoss(temperature=0.1, gather_distributed=True)(out0, out1).item()
+    b = NTXentLoss(temperature=0.5, gather_distributed=True)(out0, out1).item()
+    assert a == pytest.approx(ntxent_reference(out0.numpy(), out1.numpy(), 0.1), rel=1e-10)
+    assert b == pytest.approx(ntxent_reference(out0.numpy(), out1.numpy(), 0.5), rel=1e-10)
+    assert abs(a - b) > 1e-3
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+@pytest.mark.parametrize("n", [2, 5])
+def test_ntxent_identical_orthogonal_views_closed_form(temperature: float, n: int) -> None:
+    """Views are identical one-hot vectors: s(a, p) = 1 and every one of the 2N-2 negatives has
+    s = 0, so loss = -log(e^{1/t} / (e^{1/t} + 2N - 2)) for every anchor."""
+    out = torch.eye(n, 7, dtype=torch.float64)
+    loss = NTXentLoss(temperature=temperature, gather_distributed=True)(out, out.clone())
+    e = math.exp(1.0 / temperature)
+    expected = -math.log(e / (e + 2 * n - 2))
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert ntxent_reference(out.numpy(), out.numpy(), temperature) == pytest.approx(expected, rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Barlow Twins
+# --------------------------------------------------------------------------------------------
+def barlow_reference(z_a: np.ndarray, z_b: np.ndarray, lambda_param: float, eps: float = 1e-5, ddof: int = 0) -> float:
+    """Paper's formula in numpy: standardise each dimension over the batch (mean, variance with
+    ``ddof``, + eps), C = z_a^T z_b / N, sum_i (1 - C_ii)^2 + lambda * sum_{i != j} C_ij^2."""
+    z_a = np.asarray(z_a, dtype=np.float64)
+    z_b = np.asarray(z_b, dtype=np.float64)
+    n = z_a.shape[0]
+
+    def standardise(z: np.ndarray) -> np.ndarray:
+        return (z - z.mean(0)) / np.sqrt(z.var(0, ddof=ddof) + eps)
+
+    c = standardise(z_a).T @ standardise(z_b) / n
+    on = np.sum((1.0 - np.diag(c)) ** 2)
+    off = np.sum(c**2) - np.sum(np.diag(c) ** 2)
+    return float(on + lambda_param * off)
+
+
+def _random_pair(seed: int, n: int = 12, d: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    z_a = 3.0 * torch.randn(n, d, generator=gen, dtype=torch.float64) + 1.0
+    z_b = 0.7 * z_a + torch.randn(n, d, generator=gen, dtype=torch.float64) - 2.0
+    return z_a, z_b
+
+
+@pytest.mark.parametrize("lambda_param", [5e-3, 0.5])
+def test_barlow_twins_matches_numpy_formula(lambda_param: float) -> None:
+    z_a, z_b = _random_pair(0)
+    loss = BarlowTwinsLoss(lambda_param=lambda_param)(z_a, z_b)
+    expected = barlow_reference(z_a.numpy(), z_b.numpy(), lambda_param)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # the redundancy term really contributes (the two lambdas give different values)
+    assert barlow_reference(z_a.numpy(), z_b.numpy(), 0.0) < expected - 1e-3
+
+
+def test_barlow_twins_custom_eps_is_used() -> None:
+    z_a, z_b = _random_pair(1, n=6, d=3)
+    z_a, z_b = 0.01 * z_a, 0.01 * z_b  # variance ~1e-4: eps = 1e-3 matters a lot
+    loss = BarlowTwinsLoss(lambda_param=0.1, eps=1e-3)(z_a, z_b)
+    assert loss.item() == pytest.approx(barlow_reference(z_a.numpy(), z_b.numpy(), 0.1, eps=1e-3), rel=1e-5)
+    assert loss.item() != pytest.approx(barlow_reference(z_a.numpy(), z_b.numpy(), 0.1, eps=1e-5), rel=1e-2)
+
+
+def test_barlow_twins_is_zero_for_identical_decorrelated_standardised_inputs() -> None:
+    """Columns 1.. of a Sylvester-Hadamard matrix: entries +-1, zero mean, biased variance 1,
+    mutually orthogonal. With z_a = z_b, C = I / (1 + eps): loss = D (1 - 1/(1 + eps))^2 ~ 0."""
+    h = np.array([[1.0]])
+    for _ in range(3):
+        h = np.block([[h, h], [h, -h]])
+    z = torch.from_numpy(h[:, 1:]).clone()  # (8, 7)
+    # affine rescaling per dimension is removed by the standardisation
+    z_a = z * torch.linspace(0.5, 4.0, 7, dtype=torch.float64) + 10.0
+    z_b = z.clone()
+    loss = BarlowTwinsLoss()(z_a, z_b).item()
+    eps = 1e-5
+    assert loss == pytest.approx(7 * (1 - 1 / math.sqrt(1 + eps) ** 2) ** 2, abs=1e-8)
+    assert abs(loss) < 1e-8
+    # anti-correlated views: C = -I / (1 + eps) -> each diagonal term is (1 + 1)^2
+    assert BarlowTwinsLoss()(z_a, -z_b).item() == pytest.approx(7 * 4.0, rel=1e-4)
+
+
+def test_barlow_twins_invariant_to_per_dimension_affine_maps() -> None:
+    z_a, z_b = _random_pair(2)
+    scale = torch.linspace(0.1, 5.0, z_a.shape[1], dtype=torch.float64)
+    shift = torch.linspace(-3.0, 3.0, z_a.shape[1], dtype=torch.float64)
+    loss_fn = BarlowTwinsLoss(lambda_param=0.05)
+    assert loss_fn(z_a * scale + shift, z_b).item() == pytest.approx(loss_fn(z_a, z_b).item(), rel=1e-4)
+
+
+def test_barlow_twins_gradient_matches_float64_autograd_reference() -> None:
+    """Gradient w.r.t. the embeddings equals autograd through an independent float64 torch
+    implementation of the same formula."""
+    z_a, z_b = _random_pair(3, n=10, d=4)
+    lam = 0.2
+
+    def ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        def std(z: torch.Tensor) -> torch.Tensor:
+            return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + 1e-5)
+
+        c = std(a).T @ std(b) / a.shape[0]
+        off = c - torch.diag(torch.diagonal(c))
+        return ((1 - torch.diagonal(c)) ** 2).sum() + lam * (off**2).sum()
+
+    a1, b1 = z_a.clone().requires_grad_(), z_b.clone().requires_grad_()
+    BarlowTwinsLoss(lambda_param=lam)(a1, b1).backward()
+    a2, b2 = z_a.clone().requires_grad_(), z_b.clone().requires_grad_()
+    ref(a2, b2).backward()
+    assert torch.allclose(a1.grad, a2.grad, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(b1.grad, b2.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_barlow_twins_relation_to_lightly_single_process() -> None:
+    """lightly's ``_normalize`` is ``F.batch_norm(training=True)``, which standardises with the
+    *biased* batch variance and eps = 1e-5 (the unbiased estimate only feeds running_var, which
+    lightly does not keep). So on one process the two losses are identical; they differ only under
+    DDP, where lightly uses per-rank statistics (tests/test_distributed.py)."""
+    for seed, lam in [(4, 5e-3), (5, 0.3)]:
+        z_a, z_b = _random_pair(seed, n=8, d=5)
+        ours = BarlowTwinsLoss(lambda_param=lam)(z_a, z_b).item()
+        theirs = LightlyBarlowTwinsLoss(lambda_param=lam, gather_distributed=True)(z_a, z_b).item()
+        assert ours == pytest.approx(theirs, rel=1e-5)
+        assert theirs == pytest.approx(barlow_reference(z_a.numpy(), z_b.numpy(), lam, ddof=0), rel=1e-10)
+        # an unbiased (N-1) normalisation would be a measurably different loss at N = 8
+        assert theirs != pytest.approx(barlow_reference(z_a.numpy(), z_b.numpy(), lam, ddof=1), rel=1e-3)
