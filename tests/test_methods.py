@@ -1,0 +1,75 @@
+"""Methods learn, and their monitors are honest."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import REPO, fit
+from ssl_kit.data import DigitsDataModule
+from ssl_kit.evaluation import knn_accuracy
+from ssl_kit.methods import BarlowTwins, SimCLR
+
+
+def fresh_copy(model: L.LightningModule) -> L.LightningModule:
+    """The same method and hyper-parameters at random init (seeded like the trained run)."""
+    L.seed_everything(0)
+    return type(model)(**{k: v for k, v in model.hparams.items() if not k.startswith("_")})
+
+
+@pytest.mark.parametrize("config", ["simclr_digits.yaml", "barlow_twins_digits.yaml"])
+def test_method_learns_beyond_random_init_features(tmp_path, config):
+    """Five epochs on the digits: kNN accuracy of the trained backbone clearly beats the same
+    ResNet-18 at random init (which is a strong baseline: about 0.67 here)."""
+    cli = fit(
+        config, tmp_path,
+        "--trainer.max_epochs", "5", "--trainer.limit_train_batches", "1.0", "--trainer.limit_val_batches", "1.0",
+        "--data.image_size", "16", "--data.batch_size", "128",
+    )  # fmt: skip
+    bank, val = cli.datamodule.val_dataloader()
+    trained = knn_accuracy(cli.model.backbone, bank, val, num_classes=10)
+    random_init = knn_accuracy(fresh_copy(cli.model).backbone, bank, val, num_classes=10)
+    print(f"{config}: kNN trained {trained:.3f} vs random init {random_init:.3f}")
+    assert trained >= random_init + 0.1
+    # The online kNN monitor reports the same number as the offline evaluation.
+    assert cli.trainer.callback_metrics["val/knn_acc"].item() == pytest.approx(trained, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", [SimCLR, BarlowTwins])
+def test_online_probe_never_moves_the_backbone(method):
+    """A step whose self-supervised loss is zeroed changes the probe but not one backbone weight."""
+    L.seed_everything(0)
+    data = DigitsDataModule(image_size=8, batch_size=16, num_workers=0)
+    model = method(backbone="resnet18", image_size=8, num_classes=10, weight_decay=0.0, warmup_epochs=0)
+    views, labels = next(iter(data.train_dataloader()))
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    loss, features = model.training_loss(views)
+    total = 0.0 * loss + model.probe_loss(features.detach(), labels)
+    total.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.backbone.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer.step()
+    for name, param in model.named_parameters():
+        changed = not torch.equal(param, before[name])
+        assert changed == name.startswith("probe."), name
+
+
+def test_probe_loss_ignores_unlabeled_samples():
+    model = SimCLR(backbone="resnet18", image_size=8, num_classes=3)
+    model.probe.eval()
+    features = torch.randn(4, model.feature_dim)
+    labels = torch.tensor([0, -1, 2, -1])
+    expected = torch.nn.functional.cross_entropy(model.probe(features[[0, 2]]), labels[[0, 2]])
+    assert model.probe_loss(features, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert model.probe_loss(features, torch.full((4,), -1)).item() == 0.0
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_shipped_config_parses(config, capsys):
+    from ssl_kit.cli import SSLCLI
+
+    with pytest.raises(SystemExit) as exit_info:
+        SSLCLI(args=["fit", "--config", str(REPO / "configs" / config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "class_path: ssl_kit.methods." in capsys.readouterr().out
