@@ -1,0 +1,135 @@
+"""Pretraining-step throughput: ssl_kit (Lightning Trainer) against a plain PyTorch loop.
+
+Both sides train the same backbone, projection head and loss with the same optimizer on the
+same in-memory random views and batch size; rounds alternate (ssl_kit, plain, ssl_kit, ...)
+so that machine drift hits both. Prints samples/s of each and the ratio ssl_kit / plain
+(target >= 0.97). ssl_kit's step also trains its online probe and checks the loss is finite.
+
+    python benchmarks/throughput.py --method SimCLR --backbone resnet18 --image-size 32 --batch-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ssl_kit import methods
+
+
+class FixedViews(Dataset):
+    """``batches`` pre-made batches of two random views; the loader adds no decoding cost."""
+
+    def __init__(self, steps: int, batch_size: int, image_size: int, num_classes: int = 10) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.views = torch.randn(2, batch_size, 3, image_size, image_size, generator=generator)
+        self.labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, index: int):
+        return [self.views[0], self.views[1]], self.labels
+
+
+def loader(steps: int, args) -> DataLoader:
+    # batch_size=None: each item already is a whole batch.
+    return DataLoader(FixedViews(steps, args.batch_size, args.image_size), batch_size=None, shuffle=False)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class StepTimer(L.Callback):
+    """Wall time from the first timed batch's start to the last batch's end."""
+
+    def __init__(self, warmup: int, device: torch.device) -> None:
+        self.warmup, self.device = warmup, device
+        self.start = self.end = 0.0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup:
+            sync(self.device)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        sync(self.device)
+        self.end = time.perf_counter()
+
+
+def make_model(args) -> methods.SSLMethod:
+    L.seed_everything(0, verbose=False)
+    method = getattr(methods, args.method)
+    return method(backbone=args.backbone, image_size=args.image_size, num_classes=10, optimizer="sgd", warmup_epochs=0)
+
+
+def time_ssl_kit(args, device: torch.device) -> float:
+    model = make_model(args)
+    timer = StepTimer(args.warmup, device)
+    trainer = L.Trainer(
+        accelerator=device.type, devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        callbacks=[timer], precision=args.precision,
+    )  # fmt: skip
+    trainer.fit(model, train_dataloaders=loader(args.warmup + args.steps, args))
+    return args.steps * args.batch_size / (timer.end - timer.start)
+
+
+def time_plain(args, device: torch.device) -> float:
+    """The textbook loop: forward both views, projector, loss, backward, SGD step, schedule step."""
+    model = make_model(args).to(device)
+    backbone, projector, criterion = model.backbone, model.projector, model.criterion
+    params = list(backbone.parameters()) + list(projector.parameters())
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.warmup + args.steps)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
+    start = 0.0
+    for step, (views, _) in enumerate(loader(args.warmup + args.steps, args)):
+        if step == args.warmup:
+            sync(device)
+            start = time.perf_counter()
+        with autocast:
+            z0, z1 = (projector(backbone(v.to(device, non_blocking=True))) for v in views)
+            loss = criterion(z0, z1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    sync(device)
+    return args.steps * args.batch_size / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="SimCLR", choices=["SimCLR", "BarlowTwins"])
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ours, plain = [], []
+    for _ in range(args.rounds):
+        ours.append(time_ssl_kit(args, device))
+        plain.append(time_plain(args, device))
+    ratios = [a / b for a, b in zip(ours, plain)]
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{args.method} {args.backbone} {args.image_size}px batch {args.batch_size} {args.precision} on {where}")
+    print(f"ssl_kit samples/s per round: {', '.join(f'{x:.1f}' for x in ours)}")
+    print(f"plain   samples/s per round: {', '.join(f'{x:.1f}' for x in plain)}")
+    print(f"ratio ssl_kit / plain: median {statistics.median(ratios):.3f} (rounds: {', '.join(f'{r:.3f}' for r in ratios)})")
+    print(f"ratio of best rounds: {max(ours) / max(plain):.3f}")
+
+
+if __name__ == "__main__":
+    main()
