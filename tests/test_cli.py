@@ -112,6 +112,9 @@ def test_export_loads_into_plain_timm_model(tmp_path):
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert torch.equal(model.conv1.weight, checkpoint["state_dict"]["backbone.conv1.weight"])
     assert model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 512)
+    # Loading for evaluation needs only the checkpoint: weights and hyper-parameters, no trainer.
+    restored = SimCLR.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert torch.equal(restored.backbone.conv1.weight, model.conv1.weight)
 
 
 def test_export_rebuilds_small_image_variant(tmp_path):

@@ -112,12 +112,12 @@ class SSLDataModule(L.LightningDataModule):
         """Pretraining loader: ``(list of views, labels)``; unlabeled samples carry label -1."""
         return self._loader(Transformed(self._require_splits().pretrain, self.views), shuffle=True, drop_last=True)
 
-    def labeled_dataloader(self, split: str, shuffle: bool = False) -> DataLoader:
+    def labeled_dataloader(self, split: str) -> DataLoader:
         """Un-augmented loader over ``train``, ``val`` or ``test``."""
         dataset = getattr(self._require_splits(), split)
         if dataset is None:
             raise ValueError(f"{type(self).__name__} has no {split} split")
-        return self._loader(Transformed(dataset, self.eval_transform), shuffle=shuffle)
+        return self._loader(Transformed(dataset, self.eval_transform), shuffle=False)
 
     def val_dataloader(self) -> list[DataLoader]:
         splits = self._require_splits()
@@ -135,9 +135,6 @@ class SSLDataModule(L.LightningDataModule):
             views, labels = batch
             batch = (self.views.on_device(views), labels)
         return batch
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(root={self.root!r}, image_size={self.image_size}, batch_size={self.batch_size})"
 
 
 def unlabeled(count: int) -> np.ndarray:

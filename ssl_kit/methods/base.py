@@ -76,7 +76,9 @@ class SSLMethod(L.LightningModule):
     def forward(self, images: Tensor) -> Tensor:
         return self.backbone(images)
 
-    def training_step(self, batch: tuple[list[Tensor], Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[list[Tensor], Tensor] | None, batch_idx: int) -> Tensor | None:
+        if batch is None:  # every file in this batch was unreadable and skipped (--data.skip_bad_files)
+            return None
         views, labels = batch
         loss, features = self.training_loss(views)
         self.stop_if_not_finite(loss)
