@@ -1,3 +1,4 @@
 from ssl_kit.losses.barlow_twins import BarlowTwinsLoss
+from ssl_kit.losses.moco import InfoNCELoss
 
-__all__ = ["BarlowTwinsLoss"]
+__all__ = ["BarlowTwinsLoss", "InfoNCELoss"]

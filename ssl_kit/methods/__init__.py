@@ -1,5 +1,6 @@
 from ssl_kit.methods.barlow_twins import BarlowTwins
 from ssl_kit.methods.base import SSLMethod
+from ssl_kit.methods.moco_v3 import MoCoV3
 from ssl_kit.methods.simclr import SimCLR
 
-__all__ = ["SSLMethod", "SimCLR", "BarlowTwins"]
+__all__ = ["SSLMethod", "SimCLR", "BarlowTwins", "MoCoV3"]
