@@ -21,16 +21,14 @@ backward gradients.
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor, nn
+
+from ddp import TwoViewLinear, gloo_group, seeded_two_view_linear, spawn_ranks
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 16
@@ -41,20 +39,8 @@ LOSS_CASES = ("ntxent", "barlow", "lightly_barlow")
 # --------------------------------------------------------------------------------------------
 # shared problem definition (parent and workers)
 # --------------------------------------------------------------------------------------------
-class TwoViewModel(nn.Module):
-    """Both views through one linear map in a single forward, as Lightning's DDP wrapper does."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(IN_DIM, OUT_DIM)
-
-    def forward(self, x_a: Tensor, x_b: Tensor) -> tuple[Tensor, Tensor]:
-        return self.linear(x_a), self.linear(x_b)
-
-
-def make_model() -> TwoViewModel:
-    torch.manual_seed(1234)
-    return TwoViewModel().double()
+def make_model() -> TwoViewLinear:
+    return seeded_two_view_linear(IN_DIM, OUT_DIM, seed=1234)
 
 
 def make_data() -> tuple[Tensor, Tensor]:
@@ -109,13 +95,7 @@ def collective_inputs(rank: int) -> dict[str, Tensor]:
 # worker
 # --------------------------------------------------------------------------------------------
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60)
-    )
-    try:
+    with gloo_group(rank, world_size, port):
         from ssl_kit import distributed as sd
 
         results: dict[str, object] = {"world_size": sd.world_size(), "rank": sd.rank()}
@@ -140,22 +120,11 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         results["all_reduce_sum"] = {"out": reduced.detach().clone(), "grad": x.grad.clone()}
 
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    out_dir = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(WORLD_SIZE, _free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("ddp"), WORLD_SIZE)
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,7 @@ gradients, no optimizer group, one EMA update per optimizer step), and learning 
 
 from __future__ import annotations
 
-import datetime
 import math
-import os
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,10 +11,10 @@ import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from conftest import fit
+from ddp import TwoViewLinear, gloo_group, seeded_two_view_linear, spawn_ranks
 from ssl_kit.losses.moco import InfoNCELoss
 from ssl_kit.methods.momentum import EMAUpdater, momentum_at
 from ssl_kit.methods.moco_v3 import MoCoV3
@@ -189,20 +186,9 @@ IN_DIM, OUT_DIM = 5, 7
 TEMPERATURE = 0.2
 
 
-class TwoViewQuery(nn.Module):
-    """The 'query encoder': both views through one linear map in a single forward (as under Lightning)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(IN_DIM, OUT_DIM)
-
-    def forward(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
-        return self.linear(x1), self.linear(x2)
-
-
-def make_query_model() -> TwoViewQuery:
-    torch.manual_seed(4321)
-    return TwoViewQuery().double()
+def make_query_model() -> TwoViewLinear:
+    """The 'query encoder': both views through one linear map."""
+    return seeded_two_view_linear(IN_DIM, OUT_DIM, seed=4321)
 
 
 def make_ddp_data() -> dict[str, Tensor]:
@@ -225,11 +211,7 @@ def run_symmetric(model: nn.Module, data: dict[str, Tensor]) -> dict[str, Tensor
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_group(rank, world_size, port):
         per_rank = GLOBAL_BATCH // world_size
         local = slice(rank * per_rank, (rank + 1) * per_rank)
         data = {name: t[local] for name, t in make_ddp_data().items()}
@@ -243,22 +225,11 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         ) * 2 * TEMPERATURE
         results["ctr_q1_k2"] = InfoNCELoss(TEMPERATURE)(q1, data["k2"])
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    out_dir = tmp_path_factory.mktemp("moco_ddp")
-    mp.spawn(_worker, args=(WORLD_SIZE, _free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("moco_ddp"), WORLD_SIZE)
 
 
 def test_two_rank_infonce_equals_one_process_on_the_global_batch(ranks: list[dict]):
