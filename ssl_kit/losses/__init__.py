@@ -1,4 +1,5 @@
 from ssl_kit.losses.barlow_twins import BarlowTwinsLoss
+from ssl_kit.losses.mae import MaskedReconstructionLoss
 from ssl_kit.losses.moco import InfoNCELoss
 
-__all__ = ["BarlowTwinsLoss", "InfoNCELoss"]
+__all__ = ["BarlowTwinsLoss", "InfoNCELoss", "MaskedReconstructionLoss"]
