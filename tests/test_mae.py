@@ -206,7 +206,34 @@ def test_reconstruction_pastes_visible_patches():
     assert not torch.allclose(model.patchify(recon)[mask.mask], model.patchify(images)[mask.mask])
 
 
-def test_mae_needs_a_vit_and_a_tiling_patch():
+@pytest.mark.parametrize("full", [False, True])
+def test_probe_features_and_isolation(full):
+    """The probe trains on the pooled feature of the masked pass (default) or of a no-grad pass over
+    the full images; either way its loss sends no gradient into the backbone."""
+    model = tiny_mae(probe_full_images=full).train()
+    images = torch.randn(4, 3, 16, 16)
+    torch.manual_seed(5)
+    loss, features = model.training_loss([images])
+    if full:
+        assert torch.allclose(features, model.backbone(images), atol=1e-5) and not features.requires_grad
+    else:
+        torch.manual_seed(5)
+        mask = model.random_mask(4)
+        assert torch.allclose(features, model.backbone.forward_head(model.encode(images, mask), pre_logits=True), atol=1e-6)
+    (0.0 * loss + model.probe_loss(features.detach(), torch.tensor([0, 1, -1, 3]))).backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.backbone.parameters())
+    assert model.probe[1].weight.grad.abs().sum() > 0
+
+
+def test_encoder_position_embeddings_are_fixed_sincos():
+    model = tiny_mae()
+    pos = model.backbone.pos_embed
+    assert not pos.requires_grad
+    assert torch.equal(pos[0, 1:], sincos_2d(pos.shape[-1], (4, 4))) and not pos[0, 0].any()
+    assert tiny_mae(fixed_pos_embed=False).backbone.pos_embed.requires_grad
+
+
+def test_mae_needs_a_vit():
     with pytest.raises(TypeError, match="ViT"):
         MAE(backbone="resnet18", image_size=16)
 
@@ -231,7 +258,11 @@ def test_shipped_configs_build_a_tiling_vit(config, image_size, grid):
 # -- the CLI: figures and learning ----------------------------------------------------------
 def test_reconstruction_png_is_written_each_validation_epoch(tmp_path):
     rows = 4
-    cli = fit("mae_digits.yaml", tmp_path, "--trainer.max_epochs", "2", "--data.image_size", "16", "--model.num_reconstructions", str(rows))
+    cli = fit(
+        "mae_digits.yaml", tmp_path, "--trainer.max_epochs", "2", "--data.image_size", "16", "--data.batch_size", "16",
+        "--trainer.num_sanity_val_steps", "1",  # (TINY: 2 train and 2 val batches per epoch)
+        "--model.num_reconstructions", str(rows),
+    )  # fmt: skip
     folder = tmp_path / "csv" / "version_0" / "reconstructions"
     assert sorted(p.name for p in folder.iterdir()) == ["epoch0000.png", "epoch0001.png"]  # none from the sanity check
     side = 16 * (FIGURE_MIN_SIDE // 16)  # tiny images are zoomed for display
@@ -265,10 +296,10 @@ def test_reconstruction_png_is_written_each_validation_epoch(tmp_path):
 
 
 # Digits at 16 px, 4 px patches (4x4 grid: 4 visible patches per image). Optimizer steps matter more
-# than samples for a short MAE run, so small batches: 2 epochs of batch 32 (70 steps); validation
+# than samples for a short MAE run, so small batches: 3 epochs of batch 32 (105 steps); validation
 # (the kNN monitor) only at the end.
 LEARN = [
-    "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "2",
+    "--trainer.max_epochs", "3", "--trainer.check_val_every_n_epoch", "3", "--trainer.num_sanity_val_steps", "0",
     "--trainer.limit_train_batches", "1.0", "--trainer.limit_val_batches", "1.0",
     "--data.image_size", "16", "--data.batch_size", "32",
     "--model.lr", "0.001", "--model.warmup_epochs", "0.3",

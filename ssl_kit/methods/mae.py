@@ -113,8 +113,15 @@ class MAE(SSLMethod):
     and leave the encoder blind to where its few visible patches are.
 
     Only the first view of a batch is used (configs use ``ImageViews`` with ``num_views: 1``).
-    The online probe is trained on the pooled feature of that same masked encoder pass (no extra
-    forward pass); it is evaluated, like the kNN monitor, on full un-masked validation images.
+
+    Online probe: by default it is trained on the pooled feature of the same masked encoder pass
+    (no extra forward pass) and evaluated on masked validation images (a fixed mask per batch),
+    so train and evaluation inputs match; MAE's ``val/probe_acc`` therefore measures features of
+    25%-visible images and is not comparable with other methods' full-image probe. (Training on
+    masked features but evaluating on full images put the probe at chance on the digits.)
+    ``probe_full_images: true`` trains it on an extra no-grad pass over the full images instead:
+    the standard, comparable probe, at roughly +60-85% step cost. The kNN monitor always uses full
+    images. ``probe_lr`` defaults to 1e-2, a learning rate for AdamW (the base's 0.1 suits SGD).
 
     Each validation epoch, rank zero saves ``<log_dir>/reconstructions/epochNNNN.png`` (and logs
     it to TensorBoard when attached): rows are the first ``num_reconstructions`` images of the
@@ -127,7 +134,8 @@ class MAE(SSLMethod):
     Defaults follow the paper's recipe (AdamW, betas (0.9, 0.95), weight decay 0.05, base lr
     1.5e-4 per 256 samples, 40 warmup epochs) with a small decoder (128-d, 4 blocks, 4 heads)
     for small images; the paper's 224 px decoder is ``decoder_dim 512, decoder_depth 8,
-    decoder_heads 16``.
+    decoder_heads 16``. Decoder depth matters for the encoder's features (paper, Table 1a): on
+    the digits 4 blocks gave clearly better kNN accuracy than 2 at little extra cost.
     """
 
     def __init__(
@@ -145,6 +153,8 @@ class MAE(SSLMethod):
         decoder_mlp_ratio: float = 4.0,
         norm_pix_loss: bool = True,
         fixed_pos_embed: bool = True,
+        probe_full_images: bool = False,
+        probe_lr: float = 0.01,
         num_reconstructions: int = 8,
         **kwargs,
     ) -> None:
@@ -155,6 +165,7 @@ class MAE(SSLMethod):
             weight_decay=weight_decay,
             betas=betas,
             warmup_epochs=warmup_epochs,
+            probe_lr=probe_lr,
             **kwargs,
         )
         if not 0.0 <= mask_ratio < 1.0:
@@ -203,6 +214,9 @@ class MAE(SSLMethod):
         latent = self.encode(images, token_mask)
         pred = self.decoder(latent, token_mask)
         loss = self.criterion(pred, self.patchify(images), token_mask.mask)
+        if self.hparams.probe_full_images:
+            with torch.no_grad():
+                return loss, self.backbone(images)
         return loss, vit_pooled(self.backbone, latent)
 
     # -- reconstruction figures ------------------------------------------------------------
@@ -245,9 +259,21 @@ class MAE(SSLMethod):
         return make_grid(panels.float().cpu(), nrow=3, padding=2, pad_value=1.0)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        super().validation_step(batch, batch_idx, dataloader_idx)
-        if dataloader_idx == 1 and batch_idx == 0:
-            self._figure_images = batch[0][: self.hparams.num_reconstructions].detach().clone()
+        """As ``SSLMethod.validation_step`` (kNN on full images), but the probe is evaluated on the
+        input it is trained on: masked images (a fixed mask per batch index) unless ``probe_full_images``."""
+        images, labels = batch
+        features = self.backbone(images)
+        if dataloader_idx == 0:
+            self._bank.append((features, labels))
+            return
+        self._queries.append((features, labels))
+        if batch_idx == 0:
+            self._figure_images = images[: self.hparams.num_reconstructions].detach().clone()
+        if not self.hparams.probe_full_images:
+            token_mask = self.random_mask(images.shape[0], torch.Generator().manual_seed(FIGURE_MASK_SEED + batch_idx))
+            features = vit_pooled(self.backbone, self.encode(images, token_mask))
+        self.probe_accuracy(self.probe(features), labels)
+        self.log("val/probe_acc", self.probe_accuracy, prog_bar=True, add_dataloader_idx=False)
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
