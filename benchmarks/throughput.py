@@ -88,7 +88,7 @@ def time_ssl_kit(args, device: torch.device) -> float:
 def time_plain(args, device: torch.device) -> float:
     """The textbook loop: the method's loss on both views, backward, SGD step, schedule step, EMA."""
     model = make_model(args).to(device).train()
-    params = [p for module in model.ssl_modules() for p in module.parameters() if p.requires_grad]
+    params = [p for module in model.trained_modules() for p in module.parameters() if p.requires_grad]
     ema = getattr(model, "ema", None)
     total = args.warmup + args.steps
     optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
@@ -113,7 +113,8 @@ def time_plain(args, device: torch.device) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", default="SimCLR", choices=[m for m in methods.__all__ if m != "SSLMethod"])
+    pretraining = [name for name in methods.__all__ if name != "SSLMethod" and issubclass(getattr(methods, name), methods.SSLMethod)]
+    parser.add_argument("--method", default="SimCLR", choices=pretraining)
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)

@@ -13,13 +13,14 @@ import ssl_kit.data  # noqa: F401 - registers DataModules for short class names
 import ssl_kit.methods  # noqa: F401 - registers methods for short class names
 import ssl_kit.transforms  # noqa: F401 - registers view augmentations for short class names
 from ssl_kit.data import SSLDataModule
-from ssl_kit.methods import SSLMethod
+from ssl_kit.methods import BackboneModule
 
 DEFAULT_ROOT = "runs/default"
 
 
 class SSLCLI(LightningCLI):
-    """``model`` and ``data`` are subclasses of ``SSLMethod`` / ``SSLDataModule``; the data's
+    """``model`` and ``data`` are subclasses of ``BackboneModule`` (every pretraining and
+    self-training method) / ``SSLDataModule``; the data's
     ``num_classes`` and ``image_size`` are linked into the model. Two checkpoint callbacks are
     always present: ``last_checkpoint`` (``last.ckpt`` every epoch, for ``--ckpt_path last``) and
     ``checkpoint`` (kept every ``every_n_epochs``), both in ``<default_root_dir>/checkpoints``."""
@@ -29,7 +30,7 @@ class SSLCLI(LightningCLI):
         # No prefix matching: a mistyped key such as --trainer.max_epoch must fail, not guess.
         kwargs.setdefault("parser_kwargs", {"allow_abbrev": False, "fit": {"allow_abbrev": False}})
         super().__init__(
-            SSLMethod, SSLDataModule, subclass_mode_model=True, subclass_mode_data=True, auto_configure_optimizers=False, **kwargs
+            BackboneModule, SSLDataModule, subclass_mode_model=True, subclass_mode_data=True, auto_configure_optimizers=False, **kwargs
         )
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -72,7 +73,7 @@ class SSLCLI(LightningCLI):
             return
         metrics = trainer.callback_metrics
         lines = ["", "ssl_kit: training finished"]
-        for key in ("val/probe_acc", "val/knn_acc", "train/loss"):
+        for key in ("val/probe_acc", "val/knn_acc", "val/teacher_acc", "train/loss"):
             if key in metrics:
                 lines.append(f"  {key:<15} {float(metrics[key]):.4f}")
         if trainer.checkpoint_callback is not None:

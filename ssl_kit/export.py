@@ -24,7 +24,7 @@ def backbone_from_checkpoint(ckpt_path: str | Path) -> tuple[dict[str, torch.Ten
         raise ValueError(f"{ckpt_path} is not an ssl_kit method checkpoint (no backbone hyper-parameter)")
     prefix = "backbone."
     state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    spec = backbone_spec(hparams["backbone"], hparams["image_size"], hparams.get("small_image"))
+    spec = backbone_spec(hparams["backbone"], hparams["image_size"], hparams.get("small_image"), hparams.get("backbone_kwargs"))
     return state, spec
 
 

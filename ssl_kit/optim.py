@@ -28,10 +28,15 @@ def decay_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict
 
 
 def build_optimizer(
-    name: OptimizerName, groups: list[dict], lr: float, momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999)
+    name: OptimizerName,
+    groups: list[dict],
+    lr: float,
+    momentum: float = 0.9,
+    betas: tuple[float, float] = (0.9, 0.999),
+    nesterov: bool = False,
 ) -> torch.optim.Optimizer:
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
     if name == "lars":
         from lightly.utils.lars import LARS
 

@@ -37,7 +37,7 @@ def test_resnet_small_image_stem_and_feature_dim(name, features):
 
 def test_decay_groups_exclude_biases_and_norms():
     model = BarlowTwins(backbone="resnet18", image_size=32, num_classes=10)
-    decay, no_decay = decay_groups(model.ssl_modules(), weight_decay=0.1)
+    decay, no_decay = decay_groups(model.trained_modules(), weight_decay=0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(names[id(p)].endswith("weight") and p.ndim > 1 for p in decay["params"])
@@ -45,7 +45,7 @@ def test_decay_groups_exclude_biases_and_norms():
     assert "backbone.bn1.weight" in no_decay_names and "backbone.bn1.bias" in no_decay_names
     assert "projector.layers.0.weight" not in no_decay_names
     covered = {id(p) for g in (decay, no_decay) for p in g["params"]}
-    assert covered == {id(p) for m in model.ssl_modules() for p in m.parameters()}
+    assert covered == {id(p) for m in model.trained_modules() for p in m.parameters()}
     assert not covered & {id(p) for p in model.probe.parameters()}
 
 

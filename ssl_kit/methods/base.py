@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -17,14 +19,11 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
-class SSLMethod(L.LightningModule):
-    """A backbone trained by a method-specific ``training_loss``; subclasses add a head and a loss.
-
-    Everything else is shared: parameter groups without weight decay on biases and norms;
-    SGD / LARS / AdamW; linear warmup + cosine stepped per optimizer step; an online linear
-    probe on *detached* features of the first view (trained on the labeled part of each
-    pretraining batch, evaluated on the validation set) and a kNN monitor (bank: the first
-    validation loader); a guard that stops on a non-finite loss before the optimizer step.
+class BackboneModule(L.LightningModule):
+    """What every ssl_kit LightningModule shares: a timm backbone by name (small-image variants,
+    ``backbone_kwargs`` such as ``drop_rate`` / ``drop_path_rate`` passed to timm), parameter groups
+    without weight decay on biases and norms, SGD / LARS / AdamW, linear warmup + cosine stepped
+    per optimizer step, and a guard that stops on a non-finite loss before the optimizer step.
 
     ``image_size`` and ``num_classes`` are linked from the DataModule by the CLI.
     """
@@ -35,24 +34,74 @@ class SSLMethod(L.LightningModule):
         image_size: int = 224,
         num_classes: int = 10,
         small_image: bool | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
         optimizer: OptimizerName = "sgd",
         lr: float = 0.1,
         weight_decay: float = 1e-4,
         momentum: float = 0.9,
+        nesterov: bool = False,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_epochs: float = 10.0,
         min_lr_fraction: float = 0.0,
-        probe_lr: float = 0.1,
-        knn_k: int = 20,
-        knn_temperature: float = 0.1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.backbone_spec = backbone_spec(backbone, image_size, small_image)
+        self.backbone_spec = backbone_spec(backbone, image_size, small_image, backbone_kwargs)
         self.backbone = build_from_spec(self.backbone_spec)
         self.feature_dim: int = self.backbone.num_features
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.backbone(images)
+
+    def stop_if_not_finite(self, loss: Tensor) -> None:
+        finite = bool(torch.isfinite(loss).item())
+        if self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            callback = self.trainer.checkpoint_callback
+            where = getattr(callback, "dirpath", None) or "(no checkpoint callback)"
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at epoch {self.current_epoch}, global step {self.global_step}. "
+                "Stopped before the optimizer step; checkpoints already written are untouched "
+                f"(last good one in {where}). Lower --model.lr, lengthen --model.warmup_epochs "
+                "or set --trainer.gradient_clip_val, then resume with --ckpt_path last."
+            )
+
+    # -- optimisation ----------------------------------------------------------------------
+    def trained_modules(self) -> list[nn.Module]:
+        """Modules in the weight-decay / no-decay groups at the base learning rate."""
+        return list(self.children())
+
+    def extra_param_groups(self) -> list[dict]:
+        """Further optimizer groups with their own settings (e.g. the online probe)."""
+        return []
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = decay_groups(self.trained_modules(), hp.weight_decay) + self.extra_param_groups()
+        optimizer = build_optimizer(hp.optimizer, groups, hp.lr, hp.momentum, hp.betas, hp.nesterov)
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        warmup = min(total, int(round(hp.warmup_epochs * total / epochs)))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total, hp.min_lr_fraction)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class SSLMethod(BackboneModule):
+    """A backbone trained by a method-specific ``training_loss``; subclasses add a head and a loss.
+
+    On top of ``BackboneModule``: an online linear probe on *detached* features of the first view
+    (trained on the labeled part of each pretraining batch, evaluated on the validation set) and a
+    kNN monitor (bank: the first validation loader).
+    """
+
+    def __init__(self, *args, probe_lr: float = 0.1, knn_k: int = 20, knn_temperature: float = 0.1, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         # BatchNorm without affine before the linear head (as in MAE's probe) makes the probe
         # insensitive to the feature scale, which drifts during pretraining.
+        num_classes = self.hparams.num_classes
         self.probe = nn.Sequential(nn.BatchNorm1d(self.feature_dim, affine=False), nn.Linear(self.feature_dim, num_classes))
         self.probe_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self._bank: list[tuple[Tensor, Tensor]] = []
@@ -73,9 +122,6 @@ class SSLMethod(L.LightningModule):
         return self.criterion(z0, z1), features[0]
 
     # -- training --------------------------------------------------------------------------
-    def forward(self, images: Tensor) -> Tensor:
-        return self.backbone(images)
-
     def training_step(self, batch: tuple[list[Tensor], Tensor] | None, batch_idx: int) -> Tensor | None:
         if batch is None:  # every file in this batch was unreadable and skipped (--data.skip_bad_files)
             return None
@@ -92,20 +138,6 @@ class SSLMethod(L.LightningModule):
         logits = self.probe(features)
         labeled = (labels >= 0).sum().clamp(min=1)
         return F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum") / labeled
-
-    def stop_if_not_finite(self, loss: Tensor) -> None:
-        finite = bool(torch.isfinite(loss).item())
-        if self.trainer.world_size > 1:
-            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if not finite:
-            callback = self.trainer.checkpoint_callback
-            where = getattr(callback, "dirpath", None) or "(no checkpoint callback)"
-            raise NonFiniteLossError(
-                f"training loss is {loss.item()} at epoch {self.current_epoch}, global step {self.global_step}. "
-                "Stopped before the optimizer step; checkpoints already written are untouched "
-                f"(last good one in {where}). Lower --model.lr, lengthen --model.warmup_epochs "
-                "or set --trainer.gradient_clip_val, then resume with --ckpt_path last."
-            )
 
     # -- online monitors -------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -140,19 +172,9 @@ class SSLMethod(L.LightningModule):
         return self.all_gather(local).flatten(0, 1) if self.trainer.world_size > 1 else local
 
     # -- optimisation ----------------------------------------------------------------------
-    def ssl_modules(self) -> list[nn.Module]:
+    def trained_modules(self) -> list[nn.Module]:
         """Modules trained by the self-supervised loss (everything but the probe)."""
         return [module for name, module in self.named_children() if name not in ("probe", "probe_accuracy")]
 
-    def configure_optimizers(self):
-        hp = self.hparams
-        groups = decay_groups(self.ssl_modules(), hp.weight_decay)
-        groups.append({"params": list(self.probe.parameters()), "weight_decay": 0.0, "lr": hp.probe_lr})
-        optimizer = build_optimizer(hp.optimizer, groups, hp.lr, hp.momentum, hp.betas)
-        total = int(self.trainer.estimated_stepping_batches)
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        warmup = min(total, int(round(hp.warmup_epochs * total / epochs)))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, total, hp.min_lr_fraction)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+    def extra_param_groups(self) -> list[dict]:
+        return [{"params": list(self.probe.parameters()), "weight_decay": 0.0, "lr": self.hparams.probe_lr}]

@@ -19,10 +19,14 @@ def small_patch_size(image_size: int) -> int:
     return 4 if image_size <= 32 else 8
 
 
-def backbone_spec(name: str, image_size: int, small_image: bool | None = None) -> dict[str, Any]:
-    """Everything needed to rebuild the backbone: timm name and kwargs, plus the stem change."""
+def backbone_spec(
+    name: str, image_size: int, small_image: bool | None = None, extra_kwargs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Everything needed to rebuild the backbone: timm name and kwargs, plus the stem change.
+
+    ``extra_kwargs`` go to ``timm.create_model`` as given (e.g. ``drop_rate``, ``drop_path_rate``)."""
     small = image_size <= SMALL_IMAGE_MAX if small_image is None else small_image
-    kwargs: dict[str, Any] = {"num_classes": 0}
+    kwargs: dict[str, Any] = {"num_classes": 0, **(extra_kwargs or {})}
     cifar_stem = False
     if name.startswith(("vit", "deit")):
         kwargs["img_size"] = image_size
@@ -33,8 +37,9 @@ def backbone_spec(name: str, image_size: int, small_image: bool | None = None) -
     return {"name": name, "kwargs": kwargs, "cifar_stem": cifar_stem}
 
 
-def build_from_spec(spec: dict[str, Any]) -> nn.Module:
-    model = timm.create_model(spec["name"], pretrained=False, **spec["kwargs"])
+def build_from_spec(spec: dict[str, Any], pretrained: bool = False) -> nn.Module:
+    """The backbone a spec describes; ``pretrained`` loads timm's weights (downloads them once)."""
+    model = timm.create_model(spec["name"], pretrained=pretrained, **spec["kwargs"])
     if spec.get("cifar_stem"):
         # 3x3 stride-1 first conv and no max-pool: the standard ResNet stem for 32 px images.
         model.conv1 = nn.Conv2d(3, model.bn1.num_features, kernel_size=3, stride=1, padding=1, bias=False)
