@@ -5,13 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import json
+from pathlib import Path
+
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
-from ssl_kit.data.datasets import Transformed, collate_skipping_bad, labels_of
-from ssl_kit.data.splits import stratified_split, subsample
+from ssl_kit.data.datasets import Transformed, WithTargets, collate_skipping_bad, labels_of
+from ssl_kit.data.splits import few_label_split, stratified_split, subsample
 from ssl_kit.transforms import ImageViews, ViewAugmentation, eval_transform
 
 
@@ -32,6 +36,13 @@ class SSLDataModule(L.LightningDataModule):
     ``load_splits``. ``val_fraction`` (None: the dataset's default) is held out of the training set
     where the dataset has no official validation split. The validation loaders are ``[kNN bank, val]``: a seeded subset of the
     labeled training set (un-augmented) and the validation set. Batches are ``(inputs, labels)``.
+
+    Semi-supervised mode (``labels_per_class`` or ``label_fraction``): a class-balanced, seeded
+    few-label split of the training set (``few_label_split``, written to
+    ``<log dir>/few_label_split.json``); the training loader yields ``{"labeled": (views, labels),
+    "unlabeled": (views, hidden labels)}`` with ``unlabeled_ratio`` times more unlabeled samples,
+    the labeled loader cycled; the kNN bank is the labeled subset. The hidden labels of the
+    unlabeled pool are only for monitoring (pseudo-label accuracy).
     """
 
     num_classes: int
@@ -54,6 +65,9 @@ class SSLDataModule(L.LightningDataModule):
         skip_bad_files: bool = False,
         download: bool = True,
         pin_memory: bool = True,
+        labels_per_class: int | None = None,
+        label_fraction: float | None = None,
+        unlabeled_ratio: int = 7,
     ) -> None:
         super().__init__()
         self.root = root
@@ -68,7 +82,18 @@ class SSLDataModule(L.LightningDataModule):
         self.skip_bad_files = skip_bad_files
         self.download = download
         self.pin_memory = pin_memory
+        self.labels_per_class = labels_per_class
+        self.label_fraction = label_fraction
+        self.unlabeled_ratio = unlabeled_ratio
         self.splits: Splits | None = None
+        self.labeled_indices: np.ndarray | None = None
+        self.unlabeled_indices: np.ndarray | None = None
+        self.pseudo_targets: torch.Tensor | None = None
+        self.pseudo_selected: np.ndarray | None = None
+
+    @property
+    def semi_supervised(self) -> bool:
+        return self.labels_per_class is not None or self.label_fraction is not None
 
     def load_splits(self) -> Splits:
         """Reads the dataset and returns its raw splits."""
@@ -84,16 +109,43 @@ class SSLDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
             self.splits = self.load_splits()
+        if self.semi_supervised and self.labeled_indices is None:
+            labels = labels_of(self.splits.train)
+            self.labeled_indices, self.unlabeled_indices = few_label_split(
+                labels, self.labels_per_class, self.label_fraction, self.seed
+            )
+            if len(self.unlabeled_indices) == 0:
+                raise ValueError("the few-label split leaves no unlabeled samples")
+            if self.trainer is not None and self.trainer.is_global_zero:
+                self.save_few_label_split(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "few_label_split.json")
+
+    def save_few_label_split(self, path: Path) -> Path:
+        """The labeled training indices and how they were chosen, to reproduce or audit the run."""
+        assert self.labeled_indices is not None
+        labels = labels_of(self.splits.train)[self.labeled_indices]
+        record = {
+            "datamodule": type(self).__name__,
+            "root": self.root,
+            "seed": self.seed,
+            "labels_per_class": self.labels_per_class,
+            "label_fraction": self.label_fraction,
+            "train_size": int(len(labels_of(self.splits.train))),
+            "labeled_per_class": {int(c): int((labels == c).sum()) for c in np.unique(labels)},
+            "labeled_indices": self.labeled_indices.tolist(),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1))
+        return path
 
     # -- loaders ---------------------------------------------------------------------------
     @property
     def eval_transform(self):
         return eval_transform(self.image_size, self.mean, self.std, self.center_crop_ratio)
 
-    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
+    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False, batch_size: int | None = None) -> DataLoader:
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=batch_size or self.batch_size,
             shuffle=shuffle,
             drop_last=drop_last,
             num_workers=self.num_workers,
@@ -108,9 +160,27 @@ class SSLDataModule(L.LightningDataModule):
         assert self.splits is not None
         return self.splits
 
-    def train_dataloader(self) -> DataLoader:
-        """Pretraining loader: ``(list of views, labels)``; unlabeled samples carry label -1."""
-        return self._loader(Transformed(self._require_splits().pretrain, self.views), shuffle=True, drop_last=True)
+    def train_dataloader(self) -> DataLoader | CombinedLoader:
+        """Pretraining loader: ``(list of views, labels)``; unlabeled samples carry label -1.
+        In semi-supervised mode: the labeled and unlabeled loaders combined (see the class doc)."""
+        splits = self._require_splits()
+        if not self.semi_supervised:
+            return self._loader(Transformed(splits.pretrain, self.views), shuffle=True, drop_last=True)
+        labeled = Transformed(splits.train, self.views, self.labeled_indices)
+        if self.pseudo_targets is None:
+            unlabeled = Transformed(splits.train, self.views, self.unlabeled_indices)
+        else:
+            unlabeled = WithTargets(
+                Transformed(splits.train, self.views, self.unlabeled_indices[self.pseudo_selected]),
+                self.pseudo_targets[self.pseudo_selected],
+            )
+        loaders = {
+            "labeled": self._loader(labeled, shuffle=True, batch_size=min(self.batch_size, len(labeled))),
+            "unlabeled": self._loader(
+                unlabeled, shuffle=True, drop_last=True, batch_size=min(self.batch_size * self.unlabeled_ratio, len(unlabeled))
+            ),
+        }
+        return CombinedLoader(loaders, mode="max_size_cycle")
 
     def labeled_dataloader(self, split: str) -> DataLoader:
         """Un-augmented loader over ``train``, ``val`` or ``test``."""
@@ -119,9 +189,28 @@ class SSLDataModule(L.LightningDataModule):
             raise ValueError(f"{type(self).__name__} has no {split} split")
         return self._loader(Transformed(dataset, self.eval_transform), shuffle=False)
 
+    def unlabeled_pool_dataloader(self) -> DataLoader:
+        """Un-augmented loader over the unlabeled pool, in pool order (for a teacher to label it)."""
+        if not self.semi_supervised:
+            raise ValueError(f"{type(self).__name__} has no unlabeled pool: set labels_per_class or label_fraction")
+        return self._loader(Transformed(self._require_splits().train, self.eval_transform, self.unlabeled_indices), shuffle=False)
+
+    def set_pseudo_labels(self, targets: torch.Tensor, selected: np.ndarray) -> None:
+        """Noisy Student: ``targets`` (pool size x classes) from a teacher, and the pool positions
+        to train on (``selected``; a position may repeat, for class balancing). The unlabeled
+        loader then yields ``(views, hidden labels, targets)``."""
+        self._require_splits()
+        assert self.unlabeled_indices is not None
+        if targets.shape[0] != len(self.unlabeled_indices):
+            raise ValueError(f"{targets.shape[0]} pseudo-label rows for an unlabeled pool of {len(self.unlabeled_indices)}")
+        self.pseudo_targets, self.pseudo_selected = targets.float().cpu(), np.asarray(selected, dtype=np.int64)
+
     def val_dataloader(self) -> list[DataLoader]:
         splits = self._require_splits()
-        bank = subsample(len(splits.train), self.knn_bank_size, self.seed)
+        if self.semi_supervised:
+            bank = self.labeled_indices
+        else:
+            bank = subsample(len(splits.train), self.knn_bank_size, self.seed)
         return [
             self._loader(Transformed(splits.train, self.eval_transform, bank), shuffle=False),
             self.labeled_dataloader("val"),
@@ -132,8 +221,10 @@ class SSLDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.trainer is not None and self.trainer.training and batch is not None:
-            views, labels = batch
-            batch = (self.views.on_device(views), labels)
+            if isinstance(batch, dict):
+                return {part: self.on_after_batch_transfer(value, dataloader_idx) for part, value in batch.items()}
+            views, *labels = batch
+            batch = (self.views.on_device(views), *labels)
         return batch
 
 

@@ -88,6 +88,23 @@ class Transformed(Dataset):
         return self.transform(sample), label
 
 
+class WithTargets(Dataset):
+    """``(sample, label)`` items of ``base`` extended to ``(sample, label, targets[index])``."""
+
+    def __init__(self, base: Dataset, targets: Any) -> None:
+        if len(base) != len(targets):
+            raise ValueError(f"{len(base)} samples but {len(targets)} targets")
+        self.base = base
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[Any, int, Any] | None:
+        item = self.base[index]
+        return None if item is None else (*item, self.targets[index])
+
+
 class Concatenated(ConcatDataset):
     """``ConcatDataset`` that keeps the labels of its parts."""
 

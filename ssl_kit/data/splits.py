@@ -29,3 +29,31 @@ def subsample(count: int, limit: int, seed: int) -> np.ndarray:
     if limit <= 0 or limit >= count:
         return np.arange(count)
     return np.sort(np.random.default_rng(seed).permutation(count)[:limit])
+
+
+def few_label_split(
+    labels: np.ndarray, labels_per_class: int | None = None, fraction: float | None = None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class-balanced, seeded (labeled, unlabeled) index split for semi-supervised training.
+
+    Exactly ``labels_per_class`` samples of every class are labeled, or ``round(fraction * n_c)``
+    (at least 1) of each class of ``n_c`` samples; the rest is the unlabeled pool. The same labels
+    and seed always give the same split; both parts are sorted and disjoint.
+    """
+    if (labels_per_class is None) == (fraction is None):
+        raise ValueError("give exactly one of labels_per_class and label_fraction")
+    if labels_per_class is not None and labels_per_class < 1:
+        raise ValueError(f"labels_per_class must be >= 1, got {labels_per_class}")
+    if fraction is not None and not 0.0 < fraction < 1.0:
+        raise ValueError(f"label_fraction must be in (0, 1), got {fraction}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    chosen: list[np.ndarray] = []
+    for cls in np.unique(labels[labels >= 0]):
+        members = np.flatnonzero(labels == cls)
+        count = labels_per_class if labels_per_class is not None else max(1, int(round(fraction * len(members))))
+        if count > len(members):
+            raise ValueError(f"class {cls} has {len(members)} training samples, fewer than the {count} labels asked for")
+        chosen.append(rng.permutation(members)[:count])
+    labeled = np.sort(np.concatenate(chosen))
+    return labeled, np.setdiff1d(np.arange(len(labels)), labeled)

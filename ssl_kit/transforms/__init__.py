@@ -1,4 +1,4 @@
 from ssl_kit.transforms.base import ViewAugmentation
-from ssl_kit.transforms.image import ImageViews, eval_transform
+from ssl_kit.transforms.image import ImageViews, WeakStrongViews, eval_transform
 
-__all__ = ["ViewAugmentation", "ImageViews", "eval_transform"]
+__all__ = ["ViewAugmentation", "ImageViews", "WeakStrongViews", "eval_transform"]

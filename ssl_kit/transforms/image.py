@@ -115,3 +115,68 @@ def denormalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> 
     """Inverse of ``Normalize`` for visualisation."""
     shape = (1, -1, 1, 1) if images.dim() == 4 else (-1, 1, 1)
     return images * torch.tensor(std, device=images.device).view(shape) + torch.tensor(mean, device=images.device).view(shape)
+
+
+class Cutout:
+    """Fills one random square, of side up to ``max_fraction`` of the image side, with ``value``
+    (FixMatch's Cutout; on a tensor in [0, 1], before normalisation)."""
+
+    def __init__(self, max_fraction: float = 0.5, value: float = 0.5) -> None:
+        self.max_fraction = max_fraction
+        self.value = value
+
+    def __call__(self, image: Tensor) -> Tensor:
+        height, width = image.shape[-2:]
+        side = int(torch.randint(1, max(2, int(self.max_fraction * min(height, width)) + 1), ()).item())
+        top = int(torch.randint(0, height - side + 1, ()).item())
+        left = int(torch.randint(0, width - side + 1, ()).item())
+        image = image.clone()
+        image[..., top : top + side, left : left + side] = self.value
+        return image
+
+
+class WeakStrongViews(ViewAugmentation):
+    """Self-training views (FixMatch): view 0 weak, view 1 strong, for the same sample.
+
+    Weak: resize to the image size, horizontal flip, and a random translation of up to
+    ``translate`` of the side (reflect-padded random crop). Strong: the weak steps, then
+    RandAugment (``randaugment_ops`` ops at ``randaugment_magnitude`` of 30) and Cutout of up to
+    ``cutout`` of the side. Set ``flip_prob: 0`` where mirroring changes the class (digits).
+    """
+
+    def __init__(
+        self,
+        flip_prob: float = 0.5,
+        translate: float = 0.125,
+        randaugment_ops: int = 2,
+        randaugment_magnitude: int = 10,
+        cutout: float = 0.5,
+    ) -> None:
+        self.flip_prob = flip_prob
+        self.translate = translate
+        self.randaugment_ops = randaugment_ops
+        self.randaugment_magnitude = randaugment_magnitude
+        self.cutout = cutout
+
+    def build(self) -> None:
+        size = self.image_size
+        weak = [
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
+            T.RandomHorizontalFlip(self.flip_prob),
+            T.RandomCrop(size, padding=int(round(self.translate * size)), padding_mode="reflect"),
+        ]
+        normalize = T.Normalize(self.mean, self.std)
+        self.weak = T.Compose([*weak, T.ToTensor(), normalize])
+        self.strong = T.Compose(
+            [
+                *weak,
+                T.RandAugment(self.randaugment_ops, self.randaugment_magnitude),
+                T.ToTensor(),
+                Cutout(self.cutout),
+                normalize,
+            ]
+        )
+
+    def __call__(self, sample: Image.Image) -> list[Tensor]:
+        return [self.weak(sample), self.strong(sample)]
