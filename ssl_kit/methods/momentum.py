@@ -14,14 +14,20 @@ from typing import Literal
 import torch
 from torch import nn
 
-MomentumSchedule = Literal["cosine", "linear", "constant"]
+MomentumSchedule = Literal["cosine", "linear", "constant", "running_average"]
 
 
 def momentum_at(step: int, total_steps: int, base: float, final: float = 1.0, schedule: MomentumSchedule = "cosine") -> float:
-    """Momentum after ``step`` of ``total_steps``: ``base`` at 0, ``final`` at the end (and beyond)."""
+    """Momentum after ``step`` of ``total_steps``: ``base`` at 0, ``final`` at the end (and beyond).
+
+    ``running_average`` (Mean Teacher) is ``min(1 - 1 / (step + 1), base)``: the target is the
+    plain average of all online weights so far until that reaches ``base``, so an early teacher is
+    not stuck near its random initialisation."""
     progress = min(1.0, step / max(1, total_steps))
     if schedule == "constant":
         return base
+    if schedule == "running_average":
+        return min(1.0 - 1.0 / (step + 1), base)
     if schedule == "linear":
         return base + (final - base) * progress
     if schedule == "cosine":
