@@ -17,12 +17,14 @@ from ssl_kit.models.backbones import backbone_spec, export_backbone
 
 
 def backbone_from_checkpoint(ckpt_path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The backbone state dict and its build spec, read from an ssl_kit Lightning checkpoint."""
+    """The backbone state dict and its build spec, read from an ssl_kit Lightning checkpoint
+    (for a ``MeanTeacher`` checkpoint: the teacher's backbone, the model it delivers)."""
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     hparams = checkpoint.get("hyper_parameters", {})
     if "backbone" not in hparams or "state_dict" not in checkpoint:
         raise ValueError(f"{ckpt_path} is not an ssl_kit method checkpoint (no backbone hyper-parameter)")
-    prefix = "backbone."
+    # Self-training checkpoints deliver their EMA teacher; pretraining ones their backbone.
+    prefix = "teacher_backbone." if any(k.startswith("teacher_backbone.") for k in checkpoint["state_dict"]) else "backbone."
     state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     spec = backbone_spec(hparams["backbone"], hparams["image_size"], hparams.get("small_image"), hparams.get("backbone_kwargs"))
     return state, spec

@@ -335,3 +335,13 @@ def test_noisy_student_command_runs_every_round_with_a_larger_noised_student(tmp
     teacher = MeanTeacher.load_from_checkpoint(tmp_path / "round0" / "checkpoints" / "last.ckpt")
     assert student.hparams.backbone == "resnet34" and teacher.hparams.backbone == "resnet18"
     assert student.hparams.backbone_kwargs == {"drop_rate": 0.3} and student.backbone.drop_rate == 0.3
+
+
+def test_export_of_a_self_training_checkpoint_is_the_teacher(tmp_path):
+    from ssl_kit.export import backbone_from_checkpoint
+
+    cli = fit("mean_teacher_digits.yaml", tmp_path, "--trainer.max_epochs", "1", "--data.batch_size", "4")
+    state, _ = backbone_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    teacher = cli.model.teacher_backbone.state_dict()
+    assert state.keys() == teacher.keys() and all(torch.equal(state[k], teacher[k]) for k in state)
+    assert not all(torch.equal(state[k], cli.model.backbone.state_dict()[k]) for k in state)  # not the student
