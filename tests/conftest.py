@@ -30,8 +30,12 @@ def _single_thread_pairs():
     yield
 
 
-def fit(config: str, root: Path, *overrides: str):
+# Audio DataModules derive the spectrogram size from the clip and the front end.
+AUDIO_TINY = [arg for i, arg in enumerate(TINY) if "--data.image_size" not in TINY[max(0, i - 1) : i + 1]]
+
+
+def fit(config: str, root: Path, *overrides: str, base: list[str] = TINY):
     """Runs ``python -m ssl_kit.fit`` in-process and returns the LightningCLI object."""
     from ssl_kit.fit import main
 
-    return main(["--config", str(REPO / "configs" / config), "--trainer.default_root_dir", str(root), *TINY, *overrides])
+    return main(["--config", str(REPO / "configs" / config), "--trainer.default_root_dir", str(root), *base, *overrides])

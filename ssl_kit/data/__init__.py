@@ -1,3 +1,4 @@
+from ssl_kit.data.audio import AudioDataModule, AudioFolderDataModule, FSDDDataModule, SyntheticAudioDataModule
 from ssl_kit.data.base import Splits, SSLDataModule
 from ssl_kit.data.image import (
     CIFAR10DataModule,
@@ -17,4 +18,8 @@ __all__ = [
     "CIFAR100DataModule",
     "STL10DataModule",
     "ImageFolderDataModule",
+    "AudioDataModule",
+    "AudioFolderDataModule",
+    "FSDDDataModule",
+    "SyntheticAudioDataModule",
 ]

@@ -57,7 +57,7 @@ class SSLDataModule(L.LightningDataModule):
         root: str | None = None,
         batch_size: int = 256,
         num_workers: int = 4,
-        image_size: int | None = None,
+        image_size: int | tuple[int, int] | None = None,
         views: ViewAugmentation | None = None,
         val_fraction: float | None = None,
         seed: int = 0,
@@ -75,7 +75,7 @@ class SSLDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.image_size = image_size or self.default_image_size
         self.views = views if views is not None else ImageViews()
-        self.views.configure(self.image_size, self.mean, self.std)
+        self.configure_views()
         self.val_fraction = self.default_val_fraction if val_fraction is None else val_fraction
         self.seed = seed
         self.knn_bank_size = knn_bank_size
@@ -94,6 +94,10 @@ class SSLDataModule(L.LightningDataModule):
     @property
     def semi_supervised(self) -> bool:
         return self.labels_per_class is not None or self.label_fraction is not None
+
+    def configure_views(self) -> None:
+        """Gives the views the data's geometry and normalisation (image views; audio overrides)."""
+        self.views.configure(self.image_size, self.mean, self.std)
 
     def load_splits(self) -> Splits:
         """Reads the dataset and returns its raw splits."""

@@ -131,18 +131,40 @@ def labels_of(dataset: Dataset) -> np.ndarray:
     return np.asarray(labels)
 
 
-def find_image_files(directory: Path) -> tuple[list[tuple[str, int]], list[str]]:
-    """``directory/<class>/**/<image>`` samples and sorted class names (ImageFolder layout)."""
+def find_class_files(directory: Path, extensions: tuple[str, ...], kind: str = "image") -> tuple[list[tuple[str, int]], list[str]]:
+    """``directory/<class>/**/<file>`` samples with one of ``extensions``, and the sorted class names."""
     classes = sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise FileNotFoundError(f"no class sub-folders in {directory}; expected {directory}/<class>/<image files>")
+        raise FileNotFoundError(f"no class sub-folders in {directory}; expected {directory}/<class>/<{kind} files>")
     samples = [
         (str(path), label)
         for label, name in enumerate(classes)
         for path in sorted((directory / name).rglob("*"))
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+        if path.suffix.lower() in extensions and path.is_file()
     ]
     if not samples:
-        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {directory}")
+        raise FileNotFoundError(f"no {kind} files ({', '.join(extensions)}) under {directory}")
     return samples, classes
 
+
+def class_folder_samples(
+    directory: Path, train_classes: list[str], extensions: tuple[str, ...], kind: str = "image"
+) -> list[tuple[str, int]] | None:
+    """The samples of one split folder labeled by the train split's class order; None when the
+    folder does not exist; an error naming the folder when it has classes train/ lacks."""
+    if not directory.is_dir():
+        return None
+    samples, classes = find_class_files(directory, extensions, kind)
+    unknown = sorted(set(classes) - set(train_classes))
+    if unknown:
+        raise ValueError(f"{directory} has classes not in train/: {', '.join(unknown)}")
+    index = {name: i for i, name in enumerate(train_classes)}
+    return [(path, index[classes[label]]) for path, label in samples]
+
+
+def class_names(root: str, kind: str) -> list[str]:
+    """Class sub-folders of ``root/train``; a missing train/ is an error naming the expected path."""
+    train_dir = Path(root).expanduser() / "train"
+    if not train_dir.is_dir():
+        raise FileNotFoundError(f"{kind} folder root {root} has no train/ directory: expected {train_dir}/<class>/*")
+    return sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 
 from ssl_kit.data.base import Splits, SSLDataModule, unlabeled
-from ssl_kit.data.datasets import ArrayImages, Concatenated, FileImages, find_image_files
+from ssl_kit.data.datasets import IMAGE_EXTENSIONS, ArrayImages, Concatenated, FileImages, class_folder_samples, class_names
 from ssl_kit.data.splits import stratified_split
 
 log = logging.getLogger(__name__)
@@ -247,23 +247,12 @@ class ImageFolderDataModule(SSLDataModule):
 
     def __init__(self, root: str, *args, **kwargs) -> None:
         super().__init__(root, *args, **kwargs)
-        train_dir = Path(root).expanduser() / "train"
-        if not train_dir.is_dir():
-            raise FileNotFoundError(f"ImageFolder root {root} has no train/ directory: expected {train_dir}/<class>/*")
-        self.classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        self.classes = class_names(root, "ImageFolder")
         self.num_classes = len(self.classes)
 
     def _split(self, name: str) -> FileImages | None:
-        directory = Path(self.root).expanduser() / name
-        if not directory.is_dir():
-            return None
-        samples, classes = find_image_files(directory)
-        unknown = sorted(set(classes) - set(self.classes))
-        if unknown:
-            raise ValueError(f"{directory} has classes not in train/: {', '.join(unknown)}")
-        index = {name: i for i, name in enumerate(self.classes)}
-        remapped = [(path, index[classes[label]]) for path, label in samples]
-        return FileImages(remapped, skip_bad_files=self.skip_bad_files)
+        samples = class_folder_samples(Path(self.root).expanduser() / name, self.classes, IMAGE_EXTENSIONS)
+        return None if samples is None else FileImages(samples, skip_bad_files=self.skip_bad_files)
 
     def load_splits(self) -> Splits:
         train = self._split("train")

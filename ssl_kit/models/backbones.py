@@ -20,20 +20,24 @@ def small_patch_size(image_size: int) -> int:
 
 
 def backbone_spec(
-    name: str, image_size: int, small_image: bool | None = None, extra_kwargs: dict[str, Any] | None = None
+    name: str, image_size: int | tuple[int, int], small_image: bool | None = None, extra_kwargs: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Everything needed to rebuild the backbone: timm name and kwargs, plus the stem change.
 
-    ``extra_kwargs`` go to ``timm.create_model`` as given (e.g. ``drop_rate``, ``drop_path_rate``)."""
-    small = image_size <= SMALL_IMAGE_MAX if small_image is None else small_image
-    kwargs: dict[str, Any] = {"num_classes": 0, **(extra_kwargs or {})}
+    ``image_size`` is a side or ``(height, width)`` (spectrograms: mel bins x frames).
+    ``extra_kwargs`` go to ``timm.create_model`` and win over the defaults chosen here (e.g.
+    ``drop_rate``, ``drop_path_rate``, ``in_chans: 1`` for spectrograms, ``patch_size``)."""
+    side = max(image_size) if isinstance(image_size, (tuple, list)) else image_size
+    small = side <= SMALL_IMAGE_MAX if small_image is None else small_image
+    kwargs: dict[str, Any] = {"num_classes": 0}
     cifar_stem = False
     if name.startswith(("vit", "deit")):
-        kwargs["img_size"] = image_size
+        kwargs["img_size"] = tuple(image_size) if isinstance(image_size, (tuple, list)) else image_size
         if small:
-            kwargs["patch_size"] = small_patch_size(image_size)
+            kwargs["patch_size"] = small_patch_size(side)
     elif name.startswith(("resnet", "resnext", "wide_resnet")):
         cifar_stem = small
+    kwargs.update(extra_kwargs or {})
     return {"name": name, "kwargs": kwargs, "cifar_stem": cifar_stem}
 
 
@@ -42,7 +46,8 @@ def build_from_spec(spec: dict[str, Any], pretrained: bool = False) -> nn.Module
     model = timm.create_model(spec["name"], pretrained=pretrained, **spec["kwargs"])
     if spec.get("cifar_stem"):
         # 3x3 stride-1 first conv and no max-pool: the standard ResNet stem for 32 px images.
-        model.conv1 = nn.Conv2d(3, model.bn1.num_features, kernel_size=3, stride=1, padding=1, bias=False)
+        in_chans = spec["kwargs"].get("in_chans", 3)
+        model.conv1 = nn.Conv2d(in_chans, model.bn1.num_features, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
     return model
 

@@ -1,4 +1,5 @@
+from ssl_kit.transforms.audio import AudioViews, LogMel
 from ssl_kit.transforms.base import ViewAugmentation
 from ssl_kit.transforms.image import ImageViews, WeakStrongViews, eval_transform
 
-__all__ = ["ViewAugmentation", "ImageViews", "WeakStrongViews", "eval_transform"]
+__all__ = ["ViewAugmentation", "ImageViews", "WeakStrongViews", "AudioViews", "LogMel", "eval_transform"]

@@ -1,0 +1,228 @@
+"""Audio DataModules: decoding with soundfile (wav, flac, ogg; no system packages), resampling to
+one rate, fixed-length clips and a log-mel front end; samples are ``(1, n_mels, frames)``
+spectrograms, so every method and image backbone takes them (``backbone_kwargs: {in_chans: 1}``)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import soundfile
+import torch
+import torchaudio
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ssl_kit.data.base import SSLDataModule, Splits
+from ssl_kit.data.datasets import Transformed, UnreadableFileError, class_folder_samples, class_names
+from ssl_kit.data.splits import stratified_split
+from ssl_kit.transforms.audio import AudioEval, AudioViews, LogMel
+from ssl_kit.transforms.base import ViewAugmentation
+
+log = logging.getLogger(__name__)
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".au")
+TEST_SPLIT_SEED = 1234
+
+
+def read_audio(path: str | Path, sample_rate: int) -> Tensor:
+    """Mono float waveform of an audio file at ``sample_rate`` (channels averaged; any other rate
+    is resampled, never reinterpreted). An unreadable or empty file raises ``UnreadableFileError``
+    naming it."""
+    try:
+        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, OSError) as error:
+        raise UnreadableFileError(f"cannot read audio file {path}: {error}") from error
+    if data.shape[0] == 0:
+        raise UnreadableFileError(f"audio file {path} has no samples")
+    waveform = torch.from_numpy(data.mean(axis=1))
+    if rate != sample_rate:
+        waveform = torchaudio.functional.resample(waveform, rate, sample_rate)
+    return waveform
+
+
+class AudioFiles(Dataset):
+    """``(waveform, label)`` from audio files; a bad file raises an error naming it, or yields
+    None when ``skip_bad_files`` is set (the loader's collate then drops and counts it)."""
+
+    def __init__(self, samples: list[tuple[str, int]], sample_rate: int, skip_bad_files: bool = False) -> None:
+        self.samples = list(samples)
+        self.labels = np.array([label for _, label in self.samples], dtype=np.int64)
+        self.sample_rate = sample_rate
+        self.skip_bad_files = skip_bad_files
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
+        path, label = self.samples[index]
+        try:
+            return read_audio(path, self.sample_rate), label
+        except UnreadableFileError as error:
+            if self.skip_bad_files:
+                log.warning("skipping %s", error)
+                return None
+            raise UnreadableFileError(f"{error}. Fix or remove it, or pass --data.skip_bad_files true to skip unreadable files.") from error
+
+
+class ArrayAudio(Dataset):
+    """Waveforms held in memory, ``(N, samples)``."""
+
+    def __init__(self, waveforms: Tensor, labels: np.ndarray) -> None:
+        self.waveforms = waveforms
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.waveforms)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.waveforms[index], int(self.labels[index])
+
+
+class AudioDataModule(SSLDataModule):
+    """Base of the audio DataModules: the clip length and log-mel front end define the sample
+    "image" ``(n_mels, frames)`` (``image_size``, linked into the model). Clips shorter than
+    ``clip_seconds`` are zero-padded (at a random offset in training views, centred in
+    evaluation); longer ones are cropped (random / centre)."""
+
+    default_sample_rate = 16000
+    mean = (0.0,)  # spectrograms are standardised per clip by the front end
+    std = (1.0,)
+
+    def __init__(
+        self,
+        root: str | None = None,
+        *args,
+        sample_rate: int | None = None,
+        clip_seconds: float = 1.0,
+        n_mels: int = 64,
+        n_fft: int = 1024,
+        hop_length: int | None = None,
+        f_min: float = 60.0,
+        f_max: float | None = None,
+        views: ViewAugmentation | None = None,
+        **kwargs,
+    ) -> None:
+        self.sample_rate = sample_rate or self.default_sample_rate
+        self.clip_samples = int(round(clip_seconds * self.sample_rate))
+        self.frontend = LogMel(self.sample_rate, n_fft, hop_length, n_mels, f_min, f_max)
+        image_size = (n_mels, self.frontend.frames(self.clip_samples))
+        super().__init__(root, *args, image_size=image_size, views=views if views is not None else AudioViews(), **kwargs)
+
+    def configure_views(self) -> None:
+        if not isinstance(self.views, AudioViews):
+            raise TypeError(f"{type(self).__name__} needs AudioViews, got {type(self.views).__name__}")
+        self.views.configure_audio(self.frontend, self.clip_samples)
+
+    @property
+    def eval_transform(self) -> AudioEval:
+        return AudioEval(self.frontend, self.clip_samples)
+
+    def files(self, samples: list[tuple[str, int]]) -> AudioFiles:
+        return AudioFiles(samples, self.sample_rate, self.skip_bad_files)
+
+
+class AudioFolderDataModule(AudioDataModule):
+    """Your own audio: ``root/train/<class>/*`` (wav, flac, ogg, aiff, au: any soundfile format)
+    and, optionally, ``root/val/<class>/*`` and ``root/test/<class>/*``. Without ``val`` a seeded
+    stratified ``val_fraction`` of train is held out."""
+
+    def __init__(self, root: str, *args, **kwargs) -> None:
+        super().__init__(root, *args, **kwargs)
+        self.classes = class_names(root, "AudioFolder")
+        self.num_classes = len(self.classes)
+
+    def _split(self, name: str) -> AudioFiles | None:
+        samples = class_folder_samples(Path(self.root).expanduser() / name, self.classes, AUDIO_EXTENSIONS, "audio")
+        return None if samples is None else self.files(samples)
+
+    def load_splits(self) -> Splits:
+        train, val = self._split("train"), self._split("val")
+        if val is None:
+            train, val = self.holdout_val(train)
+        return Splits(pretrain=train, train=train, val=val, test=self._split("test"))
+
+
+FSDD_NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)\.wav$")
+
+
+class FSDDDataModule(AudioDataModule):
+    """Free Spoken Digit Dataset: ``root/recordings/{digit}_{speaker}_{take}.wav`` (8 kHz).
+
+    ``split: official``: takes 0-4 of every speaker and digit are the test set (300 clips), the
+    rest is train, with a seeded stratified ``val_fraction`` held out. ``split: speaker``: every
+    clip of ``test_speaker`` is the test set (an unseen voice), the rest as above.
+    """
+
+    num_classes = 10
+    default_sample_rate = 8000
+    default_val_fraction = 0.1
+
+    def __init__(self, root: str, *args, split: Literal["official", "speaker"] = "official", test_speaker: str = "theo", **kwargs) -> None:
+        super().__init__(root, *args, **kwargs)
+        self.split = split
+        self.test_speaker = test_speaker
+
+    def load_splits(self) -> Splits:
+        folder = Path(self.root).expanduser() / "recordings"
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"FSDD recordings not found: expected {folder}/<digit>_<speaker>_<take>.wav "
+                "(github.com/Jakobovski/free-spoken-digit-dataset; ../shared/data/fsdd is a copy)"
+            )
+        train, test = [], []
+        for path in sorted(folder.glob("*.wav")):
+            match = FSDD_NAME.match(path.name)
+            if match is None:
+                continue
+            digit, speaker, take = int(match[1]), match[2], int(match[3])
+            held_out = take < 5 if self.split == "official" else speaker == self.test_speaker
+            (test if held_out else train).append((str(path), digit))
+        if not train or not test:
+            raise ValueError(f"{folder}: the {self.split} split leaves {len(train)} train and {len(test)} test clips")
+        train_part, val = self.holdout_val(self.files(train))
+        return Splits(pretrain=train_part, train=train_part, val=val, test=self.files(test))
+
+
+class SyntheticAudioDataModule(AudioDataModule):
+    """Embedded default, generated (seeded) so nothing is downloaded: 10 classes of 1 s "calls"
+    at 8 kHz. Class ``c`` is a harmonic tone whose pitch glides by ``(c % 5 - 2)`` semitones per
+    100 ms (falling, flat, rising), amplitude-modulated at ``2 + 3 * (c // 5)`` Hz, with random
+    base pitch (150-400 Hz), onset, duration, loudness and background noise, so neither pitch nor
+    level gives the class away. 20% is the fixed test set, then ``val_fraction`` of the rest."""
+
+    num_classes = 10
+    default_sample_rate = 8000
+    default_val_fraction = 0.2
+
+    def __init__(self, *args, samples_per_class: int = 120, generator_seed: int = 0, **kwargs) -> None:
+        super().__init__(None, *args, **kwargs)
+        self.samples_per_class = samples_per_class
+        self.generator_seed = generator_seed
+
+    def generate(self) -> tuple[Tensor, np.ndarray]:
+        rng = np.random.default_rng(self.generator_seed)
+        rate, length = self.sample_rate, self.sample_rate
+        t = np.arange(length) / rate
+        waves, labels = [], []
+        for label in np.repeat(np.arange(self.num_classes), self.samples_per_class):
+            glide, beat = label % 5 - 2, 2 + 3 * (label // 5)
+            onset, duration = rng.uniform(0.0, 0.3), rng.uniform(0.4, 0.7)
+            local = np.clip(t - onset, 0, duration)
+            pitch = rng.uniform(150, 400) * 2 ** (glide * local * 10 / 12)
+            phase = 2 * np.pi * np.cumsum(pitch) / rate
+            tone = sum(np.sin(k * phase) / k for k in (1, 2, 3))
+            envelope = ((t >= onset) & (t <= onset + duration)) * (0.6 + 0.4 * np.sin(2 * np.pi * beat * t))
+            wave = rng.uniform(0.1, 0.5) * tone * envelope + rng.uniform(0.002, 0.02) * rng.standard_normal(length)
+            waves.append(wave.astype(np.float32))
+            labels.append(label)
+        return torch.from_numpy(np.stack(waves)), np.array(labels)
+
+    def load_splits(self) -> Splits:
+        waves, labels = self.generate()
+        rest, test = stratified_split(labels, 0.2, TEST_SPLIT_SEED)
+        train, val = self.holdout_val(ArrayAudio(waves[rest], labels[rest]))
+        return Splits(pretrain=train, train=train, val=val, test=Transformed(ArrayAudio(waves, labels), indices=test))

@@ -1,0 +1,153 @@
+"""Audio: decoding in the real formats (wav, flac, ogg via soundfile), resampling, the clip-length
+rule, the log-mel views, DataModules on fixture files (with a corrupt one), FSDD from
+../shared/data when present, and the image methods running unchanged on spectrograms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from conftest import AUDIO_TINY, SHARED_DATA, fit
+from ssl_kit.data import AudioFolderDataModule, FSDDDataModule, SyntheticAudioDataModule
+from ssl_kit.data.audio import read_audio
+from ssl_kit.data.datasets import UnreadableFileError
+from ssl_kit.transforms.audio import AudioViews, LogMel, fit_length
+
+
+def tone(frequency: float, rate: int, seconds: float = 0.5, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    wave = (0.5 * np.sin(2 * np.pi * frequency * t)).astype(np.float32)
+    return np.stack([wave] * channels, axis=1) if channels > 1 else wave
+
+
+def peak_frequency(waveform: torch.Tensor, rate: int) -> float:
+    spectrum = torch.fft.rfft(waveform).abs()
+    return float(spectrum.argmax()) * rate / len(waveform)
+
+
+@pytest.mark.parametrize("suffix, subtype", [(".wav", "PCM_16"), (".flac", "PCM_16"), (".ogg", "VORBIS")])
+def test_read_audio_real_formats_resamples_and_mixes_to_mono(tmp_path, suffix, subtype):
+    path = tmp_path / f"tone{suffix}"
+    soundfile.write(path, tone(440, 16000, channels=2), 16000, subtype=subtype)
+    same = read_audio(path, 16000)
+    assert same.shape == (8000,) and same.dtype == torch.float32
+    assert peak_frequency(same, 16000) == pytest.approx(440, abs=4)
+    half = read_audio(path, 8000)  # a different rate is resampled, never reinterpreted
+    assert half.shape == (4000,) and peak_frequency(half, 8000) == pytest.approx(440, abs=4)
+
+
+def test_corrupt_and_empty_audio_files_name_the_file(tmp_path):
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF\x00\x00not really a wave file")
+    with pytest.raises(UnreadableFileError, match="corrupt.wav"):
+        read_audio(corrupt, 8000)
+    empty = tmp_path / "empty.wav"
+    soundfile.write(empty, np.zeros(0, dtype=np.float32), 8000)
+    with pytest.raises(UnreadableFileError, match="empty.wav has no samples"):
+        read_audio(empty, 8000)
+
+
+def test_short_clips_are_padded_and_long_ones_cropped():
+    wave = torch.arange(1.0, 11.0)
+    assert fit_length(wave, 4, "center").tolist() == [4.0, 5.0, 6.0, 7.0]
+    padded = fit_length(wave[:3], 7, "center")
+    assert padded.tolist() == [0.0, 0.0, 1.0, 2.0, 3.0, 0.0, 0.0]
+    for _ in range(20):
+        crop = fit_length(wave, 4, "random")
+        assert len(crop) == 4 and torch.equal(crop, torch.arange(crop[0], crop[0] + 4))
+        pad = fit_length(wave[:3], 7, "random")
+        assert len(pad) == 7 and pad.sum() == 6.0
+
+
+def test_log_mel_views_shape_masks_and_standardisation():
+    frontend = LogMel(8000, n_fft=256, n_mels=32)
+    views = AudioViews(num_views=2, time_masks=1, time_mask=0.3, freq_masks=0, noise_prob=0.0, mixup_alpha=0.0)
+    views.configure_audio(frontend, 8000)
+    wave = torch.from_numpy(tone(300, 8000, seconds=0.6))
+    out = views(wave)
+    assert len(out) == 2 and all(v.shape == (1, 32, frontend.frames(8000)) for v in out)
+    assert not torch.equal(out[0], out[1])
+    plain = frontend(fit_length(wave, 8000))
+    assert plain.mean().abs() < 1e-4 and (plain.std() - 1).abs() < 1e-3
+
+
+def write_folder(root, corrupt: bool = False):
+    rate = 16000
+    for split, takes in (("train", 6), ("test", 2)):
+        for label, (name, freq) in enumerate((("high", 1200.0), ("low", 200.0))):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for take in range(takes):
+                fmt = (".wav", ".flac", ".ogg")[take % 3]
+                soundfile.write(folder / f"{take}{fmt}", tone(freq * (1 + 0.02 * take), rate, seconds=0.3 + 0.2 * take), rate)
+    if corrupt:
+        (root / "train" / "high" / "broken.wav").write_bytes(b"garbage")
+
+
+def test_audio_folder_loaders_with_formats_lengths_and_holdout(tmp_path):
+    write_folder(tmp_path)
+    data = AudioFolderDataModule(str(tmp_path), batch_size=4, num_workers=0, sample_rate=8000, clip_seconds=0.5, n_mels=32, n_fft=256, val_fraction=0.34)
+    data.setup("fit")
+    assert data.num_classes == 2 and data.classes == ["high", "low"] and data.image_size == (32, 51)
+    assert len(data.splits.train) == 8 and len(data.splits.val) == 4 and len(data.splits.test) == 4
+    views, labels = next(iter(data.train_dataloader()))
+    assert [v.shape for v in views] == [(4, 1, 32, 51)] * 2 and labels.shape == (4,)
+    images, labels = next(iter(data.test_dataloader()))
+    assert images.shape == (4, 1, 32, 51)
+
+
+def test_audio_folder_corrupt_file_fails_with_its_name_or_is_skipped(tmp_path, caplog):
+    write_folder(tmp_path, corrupt=True)
+    options = dict(batch_size=16, num_workers=0, sample_rate=8000, clip_seconds=0.5, n_mels=32, n_fft=256, val_fraction=0.2)
+    data = AudioFolderDataModule(str(tmp_path), **options)
+    with pytest.raises(UnreadableFileError, match="broken.wav.*skip_bad_files"):
+        for _ in data.labeled_dataloader("train"):
+            pass
+    data = AudioFolderDataModule(str(tmp_path), skip_bad_files=True, **options)
+    seen = sum(len(labels) for _, labels in data.labeled_dataloader("train"))
+    assert seen == len(data.splits.train) - 1 and "broken.wav" in caplog.text
+
+
+def test_synthetic_audio_is_seeded_and_class_structured():
+    first, second = SyntheticAudioDataModule(samples_per_class=4), SyntheticAudioDataModule(samples_per_class=4)
+    (a, la), (b, lb) = first.generate(), second.generate()
+    assert torch.equal(a, b) and np.array_equal(la, lb) and a.shape == (40, 8000)
+    assert np.bincount(la).tolist() == [4] * 10
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "fsdd" / "recordings").is_dir(), reason="../shared/data/fsdd is absent")
+def test_fsdd_official_and_speaker_splits():
+    data = FSDDDataModule(str(SHARED_DATA / "fsdd"), batch_size=8, num_workers=0)
+    data.setup("fit")
+    splits = data.splits
+    assert len(splits.test) == 300 and len(splits.train) + len(splits.val) == 2700
+    assert np.bincount(np.asarray(splits.test.labels)).tolist() == [30] * 10
+    images, _ = next(iter(data.test_dataloader()))
+    assert images.shape == (8, 1, 64, 101)
+    speaker = FSDDDataModule(str(SHARED_DATA / "fsdd"), split="speaker", test_speaker="theo", num_workers=0)
+    speaker.setup("fit")
+    assert len(speaker.splits.test) == 500 and all("_theo_" in path for path, _ in speaker.splits.test.samples)
+
+
+def test_fsdd_missing_root_says_where(tmp_path):
+    with pytest.raises(FileNotFoundError, match="recordings"):
+        FSDDDataModule(str(tmp_path)).setup("fit")
+
+
+# --------------------------------------------------------------------------------------------
+# the image methods on spectrograms, through the CLI
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        ["--model.backbone", "resnet18"],
+        ["--model.backbone", "vit_tiny_patch16_224", "--model.backbone_kwargs", '{"in_chans": 1, "patch_size": [8, 8]}', "--model.optimizer", "adamw", "--model.lr", "0.001"],
+    ],
+    ids=["resnet18", "spectrogram-vit"],
+)
+def test_simclr_runs_on_spectrograms(tmp_path, backbone):
+    cli = fit("simclr_synthetic_audio.yaml", tmp_path, "--trainer.max_epochs", "1", *backbone, base=AUDIO_TINY)
+    assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    assert cli.model.hparams.image_size == (64, 101)
