@@ -151,3 +151,10 @@ def test_simclr_runs_on_spectrograms(tmp_path, backbone):
     cli = fit("simclr_synthetic_audio.yaml", tmp_path, "--trainer.max_epochs", "1", *backbone, base=AUDIO_TINY)
     assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     assert cli.model.hparams.image_size == (64, 101)
+
+
+def test_audiofolder_config_runs_on_a_folder_of_mixed_formats(tmp_path):
+    write_folder(tmp_path / "audio")
+    cli = fit("simclr_audiofolder.yaml", tmp_path / "run", "--trainer.max_epochs", "1", "--data.root", str(tmp_path / "audio"),
+              "--data.batch_size", "4", "--data.val_fraction", "0.34", base=AUDIO_TINY[2:])  # fmt: skip
+    assert cli.trainer.global_step == 2 and cli.datamodule.num_classes == 2
