@@ -158,3 +158,72 @@ def test_audiofolder_config_runs_on_a_folder_of_mixed_formats(tmp_path):
     cli = fit("simclr_audiofolder.yaml", tmp_path / "run", "--trainer.max_epochs", "1", "--data.root", str(tmp_path / "audio"),
               "--data.batch_size", "4", "--data.val_fraction", "0.34", base=AUDIO_TINY[2:])  # fmt: skip
     assert cli.trainer.global_step == 2 and cli.datamodule.num_classes == 2
+
+
+def test_simclr_learns_on_the_embedded_audio(tmp_path):
+    """4 epochs (48 steps) on the synthetic calls: kNN accuracy of the trained 1-channel ResNet-18
+    clearly beats the same network at random init (measured: 0.44 vs 0.28 after 5 epochs)."""
+    import lightning as L
+
+    from ssl_kit.evaluation import knn_accuracy
+
+    cli = fit(
+        "simclr_synthetic_audio.yaml", tmp_path, "--trainer.max_epochs", "4", "--trainer.limit_train_batches", "1.0",
+        "--trainer.limit_val_batches", "1.0", "--trainer.check_val_every_n_epoch", "4", "--data.batch_size", "64",
+        "--trainer.num_sanity_val_steps", "0", base=AUDIO_TINY[2:],
+    )  # fmt: skip
+    bank, val = cli.datamodule.val_dataloader()
+    trained = knn_accuracy(cli.model.backbone, bank, val, num_classes=10)
+    L.seed_everything(0)
+    fresh = type(cli.model)(**{k: v for k, v in cli.model.hparams.items() if not k.startswith("_")})
+    random_init = knn_accuracy(fresh.backbone, bank, val, num_classes=10)
+    print(f"synthetic audio: kNN trained {trained:.3f} vs random init {random_init:.3f}")
+    assert trained >= random_init + 0.08
+
+
+def test_speech_commands_official_lists(tmp_path):
+    from ssl_kit.data import SpeechCommandsDataModule
+
+    words = [f"w{i:02d}" for i in range(35)]
+    for i, word in enumerate(words):
+        (tmp_path / word).mkdir()
+        for take in range(3):
+            soundfile.write(tmp_path / word / f"s{take}_nohash_0.wav", tone(200 + 20 * i, 16000, seconds=0.2), 16000)
+    (tmp_path / "_background_noise_").mkdir()
+    soundfile.write(tmp_path / "_background_noise_" / "noise.wav", tone(50, 16000), 16000)
+    (tmp_path / "validation_list.txt").write_text("".join(f"{w}/s1_nohash_0.wav\n" for w in words[:10]))
+    (tmp_path / "testing_list.txt").write_text("".join(f"{w}/s2_nohash_0.wav\n" for w in words))
+    data = SpeechCommandsDataModule(str(tmp_path), batch_size=5, num_workers=0)
+    data.setup("fit")
+    assert (len(data.splits.train), len(data.splits.val), len(data.splits.test)) == (35 * 3 - 10 - 35, 10, 35)
+    assert all("s2_" in path for path, _ in data.splits.test.samples)
+    assert data.image_size == (64, 101) and next(iter(data.test_dataloader()))[0].shape == (5, 1, 64, 101)
+    (tmp_path / "testing_list.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="testing_list.txt"):
+        SpeechCommandsDataModule(str(tmp_path)).setup("fit")
+
+
+def test_esc50_fold_is_the_test_set_and_bad_csv_is_named(tmp_path):
+    from ssl_kit.data import ESC50DataModule
+
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "audio").mkdir()
+    lines = ["filename,fold,target,category"]
+    for fold in range(1, 6):
+        for target in range(50):
+            name = f"{fold}-{target}-A-0.wav"
+            lines.append(f"{name},{fold},{target},c{target}")
+    (tmp_path / "meta" / "esc50.csv").write_text("\n".join(lines))
+    for line in lines[1:]:
+        soundfile.write(tmp_path / "audio" / line.split(",")[0], tone(300, 44100, seconds=0.05), 44100)
+    data = ESC50DataModule(str(tmp_path), fold=3, batch_size=10, num_workers=0, clip_seconds=0.5, val_fraction=0.25)
+    data.setup("fit")
+    assert len(data.splits.test) == 50 and all("/3-" in path for path, _ in data.splits.test.samples)
+    assert len(data.splits.train) + len(data.splits.val) == 200
+    waveform, _ = data.splits.test[0]
+    assert waveform.shape == (800,)  # 0.05 s at 44.1 kHz, resampled to 16 kHz
+    (tmp_path / "meta" / "esc50.csv").write_text("name,fold\nx.wav,1\n")
+    with pytest.raises(ValueError, match="esc50.csv lacks the column"):
+        ESC50DataModule(str(tmp_path)).setup("fit")
+    with pytest.raises(ValueError, match="fold must be 1-5"):
+        ESC50DataModule(str(tmp_path), fold=6)

@@ -1,4 +1,11 @@
-from ssl_kit.data.audio import AudioDataModule, AudioFolderDataModule, FSDDDataModule, SyntheticAudioDataModule
+from ssl_kit.data.audio import (
+    AudioDataModule,
+    AudioFolderDataModule,
+    ESC50DataModule,
+    FSDDDataModule,
+    SpeechCommandsDataModule,
+    SyntheticAudioDataModule,
+)
 from ssl_kit.data.base import Splits, SSLDataModule
 from ssl_kit.data.image import (
     CIFAR10DataModule,
@@ -22,4 +29,6 @@ __all__ = [
     "AudioFolderDataModule",
     "FSDDDataModule",
     "SyntheticAudioDataModule",
+    "SpeechCommandsDataModule",
+    "ESC50DataModule",
 ]

@@ -226,3 +226,72 @@ class SyntheticAudioDataModule(AudioDataModule):
         rest, test = stratified_split(labels, 0.2, TEST_SPLIT_SEED)
         train, val = self.holdout_val(ArrayAudio(waves[rest], labels[rest]))
         return Splits(pretrain=train, train=train, val=val, test=Transformed(ArrayAudio(waves, labels), indices=test))
+
+
+SPEECH_COMMANDS_URL = "http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz"
+
+
+class SpeechCommandsDataModule(AudioDataModule):
+    """Speech Commands v2: ``root/<word>/<clip>.wav`` (16 kHz, 1 s) with the official
+    ``validation_list.txt`` and ``testing_list.txt``; every other clip is train. The 35 words are
+    the classes (``_background_noise_`` is not one)."""
+
+    num_classes = 35
+    default_sample_rate = 16000
+
+    def load_splits(self) -> Splits:
+        root = Path(self.root).expanduser()
+        lists = {name: root / f"{name}_list.txt" for name in ("validation", "testing")}
+        missing = [str(path) for path in lists.values() if not path.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"Speech Commands v2 not found in {root}: missing {', '.join(missing)}. Extract {SPEECH_COMMANDS_URL} "
+                "there (root/<word>/*.wav plus the list files)."
+            )
+        words = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+        if len(words) != self.num_classes:
+            raise ValueError(f"{root} has {len(words)} word folders, expected the {self.num_classes} of Speech Commands v2")
+        index = {word: i for i, word in enumerate(words)}
+        held = {name: set(path.read_text().split()) for name, path in lists.items()}
+        parts: dict[str, list[tuple[str, int]]] = {"train": [], "validation": [], "testing": []}
+        for word in words:
+            for path in sorted((root / word).glob("*.wav")):
+                relative = f"{word}/{path.name}"
+                part = next((name for name, members in held.items() if relative in members), "train")
+                parts[part].append((str(path), index[word]))
+        train = self.files(parts["train"])
+        return Splits(pretrain=train, train=train, val=self.files(parts["validation"]), test=self.files(parts["testing"]))
+
+
+class ESC50DataModule(AudioDataModule):
+    """ESC-50: ``root/meta/esc50.csv`` (filename, fold, target, ...) and ``root/audio/*.wav``
+    (44.1 kHz, 5 s, 50 classes, 5 folds). ``fold`` is the test fold (the benchmark is the mean
+    over the 5); a seeded stratified ``val_fraction`` of the other folds is held out for validation."""
+
+    num_classes = 50
+    default_sample_rate = 16000
+
+    def __init__(self, root: str, *args, fold: int = 1, clip_seconds: float = 5.0, **kwargs) -> None:
+        super().__init__(root, *args, clip_seconds=clip_seconds, **kwargs)
+        if fold not in range(1, 6):
+            raise ValueError(f"ESC-50 fold must be 1-5, got {fold}")
+        self.fold = fold
+
+    def load_splits(self) -> Splits:
+        import csv
+
+        root = Path(self.root).expanduser()
+        meta = root / "meta" / "esc50.csv"
+        if not meta.is_file():
+            raise FileNotFoundError(f"ESC-50 metadata not found: expected {meta} (github.com/karolpiczak/ESC-50)")
+        with meta.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        missing = {"filename", "fold", "target"} - set(rows[0] if rows else {})
+        if missing:
+            raise ValueError(f"{meta} lacks the column(s) {', '.join(sorted(missing))}")
+        train, test = [], []
+        for row in rows:
+            sample = (str(root / "audio" / row["filename"]), int(row["target"]))
+            (test if int(row["fold"]) == self.fold else train).append(sample)
+        train_part, val = self.holdout_val(self.files(train))
+        return Splits(pretrain=train_part, train=train_part, val=val, test=self.files(test))
