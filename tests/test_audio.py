@@ -9,7 +9,7 @@ import pytest
 import soundfile
 import torch
 
-from conftest import AUDIO_TINY, SHARED_DATA, fit
+from conftest import TINY_RUN, SHARED_DATA, fit
 from ssl_kit.data import AudioFolderDataModule, FSDDDataModule, SyntheticAudioDataModule
 from ssl_kit.data.audio import read_audio
 from ssl_kit.data.datasets import UnreadableFileError
@@ -148,7 +148,7 @@ def test_fsdd_missing_root_says_where(tmp_path):
     ids=["resnet18", "spectrogram-vit"],
 )
 def test_simclr_runs_on_spectrograms(tmp_path, backbone):
-    cli = fit("simclr_synthetic_audio.yaml", tmp_path, "--trainer.max_epochs", "1", *backbone, base=AUDIO_TINY)
+    cli = fit("simclr_synthetic_audio.yaml", tmp_path, "--trainer.max_epochs", "1", "--data.batch_size", "32", *backbone, base=TINY_RUN)
     assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     assert cli.model.hparams.image_size == (64, 101)
 
@@ -156,7 +156,7 @@ def test_simclr_runs_on_spectrograms(tmp_path, backbone):
 def test_audiofolder_config_runs_on_a_folder_of_mixed_formats(tmp_path):
     write_folder(tmp_path / "audio")
     cli = fit("simclr_audiofolder.yaml", tmp_path / "run", "--trainer.max_epochs", "1", "--data.root", str(tmp_path / "audio"),
-              "--data.batch_size", "4", "--data.val_fraction", "0.34", base=AUDIO_TINY[2:])  # fmt: skip
+              "--data.batch_size", "4", "--data.val_fraction", "0.34", base=TINY_RUN)  # fmt: skip
     assert cli.trainer.global_step == 2 and cli.datamodule.num_classes == 2
 
 
@@ -170,7 +170,7 @@ def test_simclr_learns_on_the_embedded_audio(tmp_path):
     cli = fit(
         "simclr_synthetic_audio.yaml", tmp_path, "--trainer.max_epochs", "4", "--trainer.limit_train_batches", "1.0",
         "--trainer.limit_val_batches", "1.0", "--trainer.check_val_every_n_epoch", "4", "--data.batch_size", "64",
-        "--trainer.num_sanity_val_steps", "0", base=AUDIO_TINY[2:],
+        "--trainer.num_sanity_val_steps", "0", base=TINY_RUN,
     )  # fmt: skip
     bank, val = cli.datamodule.val_dataloader()
     trained = knn_accuracy(cli.model.backbone, bank, val, num_classes=10)

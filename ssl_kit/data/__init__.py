@@ -7,6 +7,7 @@ from ssl_kit.data.audio import (
     SyntheticAudioDataModule,
 )
 from ssl_kit.data.base import Splits, SSLDataModule
+from ssl_kit.data.video import MovingDigitsDataModule, VideoDataModule, VideoFolderDataModule
 from ssl_kit.data.image import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -31,4 +32,7 @@ __all__ = [
     "SyntheticAudioDataModule",
     "SpeechCommandsDataModule",
     "ESC50DataModule",
+    "VideoDataModule",
+    "VideoFolderDataModule",
+    "MovingDigitsDataModule",
 ]

@@ -57,7 +57,7 @@ class SSLDataModule(L.LightningDataModule):
         root: str | None = None,
         batch_size: int = 256,
         num_workers: int = 4,
-        image_size: int | tuple[int, int] | None = None,
+        image_size: int | tuple[int, int] | tuple[int, int, int] | None = None,
         views: ViewAugmentation | None = None,
         val_fraction: float | None = None,
         seed: int = 0,

@@ -31,7 +31,7 @@ class BackboneModule(L.LightningModule):
     def __init__(
         self,
         backbone: str = "resnet18",
-        image_size: int | tuple[int, int] = 224,
+        image_size: int | tuple[int, int] | tuple[int, int, int] = 224,
         num_classes: int = 10,
         small_image: bool | None = None,
         backbone_kwargs: dict[str, Any] | None = None,

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import timm
+
+import ssl_kit.models.video  # noqa: F401 - registers the video ViTs with timm
 import torch
 from torch import nn
 
@@ -20,13 +22,20 @@ def small_patch_size(image_size: int) -> int:
 
 
 def backbone_spec(
-    name: str, image_size: int | tuple[int, int], small_image: bool | None = None, extra_kwargs: dict[str, Any] | None = None
+    name: str, image_size: int | tuple[int, ...], small_image: bool | None = None, extra_kwargs: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Everything needed to rebuild the backbone: timm name and kwargs, plus the stem change.
 
-    ``image_size`` is a side or ``(height, width)`` (spectrograms: mel bins x frames).
+    ``image_size`` is a side, ``(height, width)`` (spectrograms: mel bins x frames) or, for the
+    ``video_vit_*`` models, ``(frames, height, width)``.
     ``extra_kwargs`` go to ``timm.create_model`` and win over the defaults chosen here (e.g.
     ``drop_rate``, ``drop_path_rate``, ``in_chans: 1`` for spectrograms, ``patch_size``)."""
+    if name.startswith("video_vit"):  # image_size is (frames, height, width)
+        frames, height, _ = image_size
+        kwargs = {"num_classes": 0, "img_size": height, "num_frames": frames}
+        if height <= SMALL_IMAGE_MAX if small_image is None else small_image:
+            kwargs["patch_size"] = small_patch_size(height)
+        return {"name": name, "kwargs": {**kwargs, **(extra_kwargs or {})}, "cifar_stem": False}
     side = max(image_size) if isinstance(image_size, (tuple, list)) else image_size
     small = side <= SMALL_IMAGE_MAX if small_image is None else small_image
     kwargs: dict[str, Any] = {"num_classes": 0}

@@ -43,3 +43,21 @@ def random_token_mask(
 def gather_tokens(tokens: Tensor, index: Tensor) -> Tensor:
     """``tokens[b, index[b]]`` for a (B, N, D) sequence and (B, K) indices."""
     return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def tube_token_mask(
+    batch_size: int, time_slices: int, spatial_tokens: int, mask_ratio: float,
+    device: torch.device | str = "cpu", generator: torch.Generator | None = None,
+) -> TokenMask:  # fmt: skip
+    """VideoMAE's tube masking for time-major tokens (token ``t * S + s``): one random spatial
+    mask per sample, the same in every time slice, so a hidden patch cannot be copied from its
+    neighbours in time."""
+    spatial = random_token_mask(batch_size, spatial_tokens, mask_ratio, device, generator)
+    offsets = torch.arange(time_slices, device=device).view(1, -1, 1) * spatial_tokens
+
+    def over_time(index: Tensor) -> Tensor:
+        return (offsets + index.unsqueeze(1)).flatten(1)
+
+    hidden = spatial.restore.argsort(dim=1)[:, spatial.keep.shape[1] :]  # the masked spatial positions
+    shuffle = torch.cat([over_time(spatial.keep), over_time(hidden)], dim=1)
+    return TokenMask(keep=over_time(spatial.keep), restore=shuffle.argsort(dim=1), mask=spatial.mask.repeat(1, time_slices))
