@@ -112,3 +112,15 @@ def test_simclr_runs_on_clips_with_a_video_vit(tmp_path):
     cli = fit("simclr_moving_digits.yaml", tmp_path, "--trainer.max_epochs", "1", "--data.batch_size", "8", base=TINY_RUN)
     assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     assert cli.model.hparams.image_size == (8, 32, 32) and cli.model.backbone.grid == (4, 4, 4)
+
+
+def test_videofolder_config_runs_on_a_folder_of_mp4s(tmp_path):
+    for cls, shade in (("a", 0), ("b", 90)):
+        (tmp_path / "videos" / "train" / cls).mkdir(parents=True)
+        for i in range(3):
+            write_mp4(tmp_path / "videos" / "train" / cls / f"{i}.mp4", frames=10, shade=shade)
+    cli = fit(
+        "simclr_videofolder.yaml", tmp_path / "run", "--trainer.max_epochs", "1", "--data.root", str(tmp_path / "videos"),
+        "--data.batch_size", "2", "--data.frame_size", "32", "--data.val_fraction", "0.34", base=TINY_RUN,
+    )  # fmt: skip
+    assert cli.trainer.global_step == 2 and cli.datamodule.num_classes == 2
