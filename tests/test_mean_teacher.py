@@ -331,6 +331,7 @@ def test_noisy_student_command_runs_every_round_with_a_larger_noised_student(tmp
     assert len(accuracies) == 2 and all(0.0 <= a <= 1.0 for a in accuracies)
     out = capsys.readouterr().out
     assert "round 1:" in out and "pool samples pseudo-labeled" in out
+    assert (tmp_path / "round1" / "csv" / "version_0" / "few_label_split.json").is_file()  # set up before the fit
     student = MeanTeacher.load_from_checkpoint(tmp_path / "round1" / "checkpoints" / "last.ckpt")
     teacher = MeanTeacher.load_from_checkpoint(tmp_path / "round0" / "checkpoints" / "last.ckpt")
     assert student.hparams.backbone == "resnet34" and teacher.hparams.backbone == "resnet18"

@@ -113,15 +113,17 @@ class SSLDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
             self.splits = self.load_splits()
-        if self.semi_supervised and self.labeled_indices is None:
+        if not self.semi_supervised:
+            return
+        if self.labeled_indices is None:
             labels = labels_of(self.splits.train)
             self.labeled_indices, self.unlabeled_indices = few_label_split(
                 labels, self.labels_per_class, self.label_fraction, self.seed
             )
             if len(self.unlabeled_indices) == 0:
                 raise ValueError("the few-label split leaves no unlabeled samples")
-            if self.trainer is not None and self.trainer.is_global_zero:
-                self.save_few_label_split(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "few_label_split.json")
+        if self.trainer is not None and self.trainer.is_global_zero:  # every run that uses the split records it
+            self.save_few_label_split(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "few_label_split.json")
 
     def save_few_label_split(self, path: Path) -> Path:
         """The labeled training indices and how they were chosen, to reproduce or audit the run."""
