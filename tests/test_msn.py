@@ -1,23 +1,20 @@
 """MSN: the loss against its formula, trained prototypes, an unmasked target view, the EMA schedule,
-exactness on 2 gloo processes (global Sinkhorn and me-max), and learning on the digits."""
+exactness on 2 gloo processes (global Sinkhorn and me-max), and a short run through the CLI."""
 
 from __future__ import annotations
 
-import datetime
 import math
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
 from conftest import REPO, fit
+from ddp import gloo_group, spawn_ranks
 from ssl_kit.losses.msn import MSNLoss, sinkhorn
 
 # Module-level imports stay light (torch, not lightning or lightly): the 2-process test's workers
@@ -297,31 +294,16 @@ def run_cases(data: dict[str, Tensor], rows: slice) -> dict[str, dict[str, Tenso
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_group(rank, world_size, port):
         per_rank = GLOBAL_BATCH // world_size
         results = run_cases(ddp_data(), slice(rank * per_rank, (rank + 1) * per_rank))
         results["world_size"] = dist.get_world_size()
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    out_dir = tmp_path_factory.mktemp("msn_ddp")
-    mp.spawn(_worker, args=(WORLD_SIZE, _free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("msn_ddp"), WORLD_SIZE)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ssl_kit.data.base import SSLDataModule, Splits
-from ssl_kit.data.datasets import Transformed, UnreadableFileError, class_folder_samples, class_names
+from ssl_kit.data.datasets import TensorSamples, Transformed, UnreadableFileError, class_folder_samples, class_names
 from ssl_kit.data.splits import stratified_split
 from ssl_kit.transforms.audio import AudioEval, AudioViews, LogMel
 from ssl_kit.transforms.base import ViewAugmentation
@@ -66,20 +66,6 @@ class AudioFiles(Dataset):
                 log.warning("skipping %s", error)
                 return None
             raise UnreadableFileError(f"{error}. Fix or remove it, or pass --data.skip_bad_files true to skip unreadable files.") from error
-
-
-class ArrayAudio(Dataset):
-    """Waveforms held in memory, ``(N, samples)``."""
-
-    def __init__(self, waveforms: Tensor, labels: np.ndarray) -> None:
-        self.waveforms = waveforms
-        self.labels = np.asarray(labels, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.waveforms)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return self.waveforms[index], int(self.labels[index])
 
 
 class AudioDataModule(SSLDataModule):
@@ -224,8 +210,8 @@ class SyntheticAudioDataModule(AudioDataModule):
     def load_splits(self) -> Splits:
         waves, labels = self.generate()
         rest, test = stratified_split(labels, 0.2, TEST_SPLIT_SEED)
-        train, val = self.holdout_val(ArrayAudio(waves[rest], labels[rest]))
-        return Splits(pretrain=train, train=train, val=val, test=Transformed(ArrayAudio(waves, labels), indices=test))
+        train, val = self.holdout_val(TensorSamples(waves[rest], labels[rest]))
+        return Splits(pretrain=train, train=train, val=val, test=Transformed(TensorSamples(waves, labels), indices=test))
 
 
 SPEECH_COMMANDS_URL = "http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz"

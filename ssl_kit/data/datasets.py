@@ -36,6 +36,22 @@ class ArrayImages(Dataset):
         return image.convert("RGB"), int(self.labels[index])
 
 
+class TensorSamples(Dataset):
+    """Samples held in one tensor, ``(N, ...)``, with their labels (embedded audio and video)."""
+
+    def __init__(self, samples: Any, labels: np.ndarray) -> None:
+        if len(samples) != len(labels):
+            raise ValueError(f"{len(samples)} samples but {len(labels)} labels")
+        self.samples = samples
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        return self.samples[index], int(self.labels[index])
+
+
 class FileImages(Dataset):
     """Images read from files; a bad file raises ``UnreadableFileError`` naming it, or yields
     ``None`` when ``skip_bad_files`` is set (``collate_skipping_bad`` then drops and counts it)."""

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ssl_kit.data.base import SSLDataModule, Splits
-from ssl_kit.data.datasets import IMAGE_EXTENSIONS, Transformed, UnreadableFileError, class_names
+from ssl_kit.data.datasets import IMAGE_EXTENSIONS, TensorSamples, Transformed, UnreadableFileError, class_names
 from ssl_kit.data.splits import stratified_split
 from ssl_kit.transforms.video import VideoEval, VideoViews
 
@@ -81,20 +81,6 @@ class VideoFiles(Dataset):
                 return None
             raise UnreadableFileError(f"{error}. Fix or remove it, or pass --data.skip_bad_files true to skip unreadable files.") from error
         return frames[clip_indices(len(frames), self.frames_per_clip, self.stride, self.sampling)], label
-
-
-class ArrayClips(Dataset):
-    """Clips held in memory as uint8 ``(N, T, H, W)`` grey frames, served as ``(T, 3, H, W)``."""
-
-    def __init__(self, clips: Tensor, labels: np.ndarray) -> None:
-        self.clips = clips
-        self.labels = np.asarray(labels, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.clips)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return self.clips[index].unsqueeze(1).expand(-1, 3, -1, -1), int(self.labels[index])
 
 
 class VideoDataModule(SSLDataModule):
@@ -229,7 +215,8 @@ class MovingDigitsDataModule(VideoDataModule):
 
     def load_splits(self) -> Splits:
         clips, labels = self.generate()
+        clips = clips.unsqueeze(2).expand(-1, -1, 3, -1, -1)  # (N, T, 3, S, S), grey in RGB, without a copy
         rest, test = stratified_split(labels, 0.2, TEST_SPLIT_SEED)
-        train, val = self.holdout_val(ArrayClips(clips[rest], labels[rest]))
-        return Splits(pretrain=train, train=train, val=val, test=Transformed(ArrayClips(clips, labels), indices=test))
+        train, val = self.holdout_val(TensorSamples(clips[rest], labels[rest]))
+        return Splits(pretrain=train, train=train, val=val, test=Transformed(TensorSamples(clips, labels), indices=test))
 
