@@ -4,7 +4,6 @@ spectrograms, so every method and image backbone takes them (``backbone_kwargs: 
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 from typing import Literal
@@ -14,15 +13,12 @@ import soundfile
 import torch
 import torchaudio
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from ssl_kit.data.base import SSLDataModule, Splits
-from ssl_kit.data.datasets import TensorSamples, Transformed, UnreadableFileError, class_folder_samples, class_names
+from ssl_kit.data.datasets import LabeledFiles, TensorSamples, Transformed, UnreadableFileError, class_folder_samples, class_names
 from ssl_kit.data.splits import stratified_split
 from ssl_kit.transforms.audio import AudioEval, AudioViews, LogMel
 from ssl_kit.transforms.base import ViewAugmentation
-
-log = logging.getLogger(__name__)
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".au")
 TEST_SPLIT_SEED = 1234
@@ -44,28 +40,15 @@ def read_audio(path: str | Path, sample_rate: int) -> Tensor:
     return waveform
 
 
-class AudioFiles(Dataset):
-    """``(waveform, label)`` from audio files; a bad file raises an error naming it, or yields
-    None when ``skip_bad_files`` is set (the loader's collate then drops and counts it)."""
+class AudioFiles(LabeledFiles):
+    """Waveforms read from audio files at ``sample_rate`` (see ``read_audio``)."""
 
     def __init__(self, samples: list[tuple[str, int]], sample_rate: int, skip_bad_files: bool = False) -> None:
-        self.samples = list(samples)
-        self.labels = np.array([label for _, label in self.samples], dtype=np.int64)
+        super().__init__(samples, skip_bad_files)
         self.sample_rate = sample_rate
-        self.skip_bad_files = skip_bad_files
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
-        path, label = self.samples[index]
-        try:
-            return read_audio(path, self.sample_rate), label
-        except UnreadableFileError as error:
-            if self.skip_bad_files:
-                log.warning("skipping %s", error)
-                return None
-            raise UnreadableFileError(f"{error}. Fix or remove it, or pass --data.skip_bad_files true to skip unreadable files.") from error
+    def read(self, path: str) -> Tensor:
+        return read_audio(path, self.sample_rate)
 
 
 class AudioDataModule(SSLDataModule):

@@ -52,31 +52,43 @@ class TensorSamples(Dataset):
         return self.samples[index], int(self.labels[index])
 
 
-class FileImages(Dataset):
-    """Images read from files; a bad file raises ``UnreadableFileError`` naming it, or yields
-    ``None`` when ``skip_bad_files`` is set (``collate_skipping_bad`` then drops and counts it)."""
+class LabeledFiles(Dataset):
+    """``(sample, label)`` read from files by ``read(path)``; a bad file raises
+    ``UnreadableFileError`` naming it, or yields ``None`` when ``skip_bad_files`` is set
+    (``collate_skipping_bad`` then drops and counts it). Subclasses implement ``read``."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], skip_bad_files: bool = False) -> None:
         self.samples = list(samples)
         self.labels = np.array([label for _, label in self.samples], dtype=np.int64)
         self.skip_bad_files = skip_bad_files
 
+    def read(self, path: str) -> Any:
+        """The decoded sample; raises ``UnreadableFileError`` (naming ``path``) when it cannot."""
+        raise NotImplementedError
+
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int] | None:
+    def __getitem__(self, index: int) -> tuple[Any, int] | None:
         path, label = self.samples[index]
         try:
-            with Image.open(path) as image:
-                return image.convert("RGB"), label
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+            return self.read(path), label
+        except UnreadableFileError as error:
             if self.skip_bad_files:
-                log.warning("skipping unreadable image %s (%s)", path, error)
+                log.warning("skipping %s", error)
                 return None
-            raise UnreadableFileError(
-                f"cannot read image file {path}: {error}. Fix or remove it, or pass "
-                "--data.skip_bad_files true to skip unreadable files."
-            ) from error
+            raise UnreadableFileError(f"{error}. Fix or remove it, or pass --data.skip_bad_files true to skip unreadable files.") from error
+
+
+class FileImages(LabeledFiles):
+    """Images read from files (any format PIL decodes), as RGB."""
+
+    def read(self, path: str) -> Image.Image:
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+            raise UnreadableFileError(f"cannot read image file {path}: {error}") from error
 
 
 class Transformed(Dataset):

@@ -4,7 +4,6 @@ or read from folders of extracted frames, sampled to ``frames_per_clip`` frames;
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Literal
 
@@ -13,14 +12,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from ssl_kit.data.base import SSLDataModule, Splits
-from ssl_kit.data.datasets import IMAGE_EXTENSIONS, TensorSamples, Transformed, UnreadableFileError, class_names
+from ssl_kit.data.datasets import IMAGE_EXTENSIONS, LabeledFiles, TensorSamples, Transformed, UnreadableFileError, class_names
 from ssl_kit.data.splits import stratified_split
 from ssl_kit.transforms.video import VideoEval, VideoViews
-
-log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v")
 TEST_SPLIT_SEED = 1234
@@ -56,31 +52,19 @@ def clip_indices(num_frames: int, frames_per_clip: int, stride: int, sampling: L
     return np.minimum(start + np.arange(frames_per_clip) * stride, num_frames - 1)
 
 
-class VideoFiles(Dataset):
-    """``(clip, label)`` from video files or frame folders, one clip per video per epoch."""
+class VideoFiles(LabeledFiles):
+    """One clip per video file or frame folder per epoch (see ``read_video`` and ``clip_indices``)."""
 
     def __init__(
         self, samples: list[tuple[str, int]], frames_per_clip: int, stride: int, sampling: Literal["random", "center"],
         skip_bad_files: bool = False,
     ) -> None:  # fmt: skip
-        self.samples = list(samples)
-        self.labels = np.array([label for _, label in self.samples], dtype=np.int64)
+        super().__init__(samples, skip_bad_files)
         self.frames_per_clip, self.stride, self.sampling = frames_per_clip, stride, sampling
-        self.skip_bad_files = skip_bad_files
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
-        path, label = self.samples[index]
-        try:
-            frames = read_video(path)
-        except UnreadableFileError as error:
-            if self.skip_bad_files:
-                log.warning("skipping %s", error)
-                return None
-            raise UnreadableFileError(f"{error}. Fix or remove it, or pass --data.skip_bad_files true to skip unreadable files.") from error
-        return frames[clip_indices(len(frames), self.frames_per_clip, self.stride, self.sampling)], label
+    def read(self, path: str) -> Tensor:
+        frames = read_video(path)
+        return frames[clip_indices(len(frames), self.frames_per_clip, self.stride, self.sampling)]
 
 
 class VideoDataModule(SSLDataModule):
