@@ -7,7 +7,14 @@ from ssl_kit.data.audio import (
     SyntheticAudioDataModule,
 )
 from ssl_kit.data.base import Splits, SSLDataModule
-from ssl_kit.data.video import MovingDigitsDataModule, VideoDataModule, VideoFolderDataModule
+from ssl_kit.data.video import (
+    HMDB51DataModule,
+    KineticsDataModule,
+    MovingDigitsDataModule,
+    UCF101DataModule,
+    VideoDataModule,
+    VideoFolderDataModule,
+)
 from ssl_kit.data.image import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -35,4 +42,7 @@ __all__ = [
     "VideoDataModule",
     "VideoFolderDataModule",
     "MovingDigitsDataModule",
+    "UCF101DataModule",
+    "HMDB51DataModule",
+    "KineticsDataModule",
 ]

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ssl_kit.data.base import SSLDataModule, Splits
 from ssl_kit.data.datasets import LabeledFiles, TensorSamples, Transformed, UnreadableFileError, class_folder_samples, class_names
+from ssl_kit.data.download import download_and_extract, obtain
 from ssl_kit.data.splits import stratified_split
 from ssl_kit.transforms.audio import AudioEval, AudioViews, LogMel
 from ssl_kit.transforms.base import ViewAugmentation
@@ -116,10 +117,12 @@ class AudioFolderDataModule(AudioDataModule):
 
 
 FSDD_NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)\.wav$")
+FSDD_URL = "https://github.com/Jakobovski/free-spoken-digit-dataset/archive/refs/heads/master.zip"
 
 
 class FSDDDataModule(AudioDataModule):
-    """Free Spoken Digit Dataset: ``root/recordings/{digit}_{speaker}_{take}.wav`` (8 kHz).
+    """Free Spoken Digit Dataset: ``root/recordings/{digit}_{speaker}_{take}.wav`` (8 kHz),
+    downloaded there (the repository's zip) when absent and ``download`` is set.
 
     ``split: official``: takes 0-4 of every speaker and digit are the test set (300 clips), the
     rest is train, with a seeded stratified ``val_fraction`` held out. ``split: speaker``: every
@@ -136,12 +139,15 @@ class FSDDDataModule(AudioDataModule):
         self.test_speaker = test_speaker
 
     def load_splits(self) -> Splits:
-        folder = Path(self.root).expanduser() / "recordings"
-        if not folder.is_dir():
-            raise FileNotFoundError(
-                f"FSDD recordings not found: expected {folder}/<digit>_<speaker>_<take>.wav "
-                "(github.com/Jakobovski/free-spoken-digit-dataset; ../shared/data/fsdd is a copy)"
-            )
+        root = Path(self.root).expanduser()
+        folder = root / "recordings"
+        obtain(
+            lambda: any(folder.glob("*.wav")),
+            lambda: download_and_extract(FSDD_URL, root),
+            self.download,
+            f"FSDD recordings not found: expected {folder}/<digit>_<speaker>_<take>.wav (the recordings/ folder "
+            f"of {FSDD_URL}; ../shared/data/fsdd is a copy)",
+        )
         train, test = [], []
         for path in sorted(folder.glob("*.wav")):
             match = FSDD_NAME.match(path.name)
@@ -203,7 +209,8 @@ SPEECH_COMMANDS_URL = "http://download.tensorflow.org/data/speech_commands_v0.02
 class SpeechCommandsDataModule(AudioDataModule):
     """Speech Commands v2: ``root/<word>/<clip>.wav`` (16 kHz, 1 s) with the official
     ``validation_list.txt`` and ``testing_list.txt``; every other clip is train. The 35 words are
-    the classes (``_background_noise_`` is not one)."""
+    the classes (``_background_noise_`` is not one). Downloaded there (2.3 GB) when absent and
+    ``download`` is set."""
 
     num_classes = 35
     default_sample_rate = 16000
@@ -212,11 +219,13 @@ class SpeechCommandsDataModule(AudioDataModule):
         root = Path(self.root).expanduser()
         lists = {name: root / f"{name}_list.txt" for name in ("validation", "testing")}
         missing = [str(path) for path in lists.values() if not path.is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"Speech Commands v2 not found in {root}: missing {', '.join(missing)}. Extract {SPEECH_COMMANDS_URL} "
-                "there (root/<word>/*.wav plus the list files)."
-            )
+        obtain(
+            lambda: all(path.is_file() for path in lists.values()),
+            lambda: download_and_extract(SPEECH_COMMANDS_URL, root),
+            self.download,
+            f"Speech Commands v2 not found in {root}: missing {', '.join(missing)}. Extract {SPEECH_COMMANDS_URL} "
+            "there (root/<word>/*.wav plus the list files).",
+        )
         words = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
         if len(words) != self.num_classes:
             raise ValueError(f"{root} has {len(words)} word folders, expected the {self.num_classes} of Speech Commands v2")
@@ -232,9 +241,13 @@ class SpeechCommandsDataModule(AudioDataModule):
         return Splits(pretrain=train, train=train, val=self.files(parts["validation"]), test=self.files(parts["testing"]))
 
 
+ESC50_URL = "https://github.com/karolpiczak/ESC-50/archive/master.zip"
+
+
 class ESC50DataModule(AudioDataModule):
     """ESC-50: ``root/meta/esc50.csv`` (filename, fold, target, ...) and ``root/audio/*.wav``
-    (44.1 kHz, 5 s, 50 classes, 5 folds). ``fold`` is the test fold (the benchmark is the mean
+    (44.1 kHz, 5 s, 50 classes, 5 folds; the repository's zip is downloaded there when absent
+    and ``download`` is set). ``fold`` is the test fold (the benchmark is the mean
     over the 5); a seeded stratified ``val_fraction`` of the other folds is held out for validation."""
 
     num_classes = 50
@@ -251,8 +264,12 @@ class ESC50DataModule(AudioDataModule):
 
         root = Path(self.root).expanduser()
         meta = root / "meta" / "esc50.csv"
-        if not meta.is_file():
-            raise FileNotFoundError(f"ESC-50 metadata not found: expected {meta} (github.com/karolpiczak/ESC-50)")
+        obtain(
+            meta.is_file,
+            lambda: download_and_extract(ESC50_URL, root),
+            self.download,
+            f"ESC-50 not found: expected {meta} and {root / 'audio'}/*.wav (the meta/ and audio/ folders of {ESC50_URL})",
+        )
         with meta.open(newline="") as handle:
             rows = list(csv.DictReader(handle))
         missing = {"filename", "fold", "target"} - set(rows[0] if rows else {})

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import gzip
-import logging
 import pickle
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from ssl_kit.data.base import Splits, SSLDataModule, unlabeled
 from ssl_kit.data.datasets import IMAGE_EXTENSIONS, ArrayImages, Concatenated, FileImages, class_folder_samples, class_names
+from ssl_kit.data.download import obtain
 from ssl_kit.data.splits import stratified_split
-
-log = logging.getLogger(__name__)
 
 #: Fixed seed for carving a test set out of datasets that have none, so it never moves with ``seed``.
 TEST_SPLIT_SEED = 12345
@@ -24,19 +21,6 @@ def _require_root(root: str | None, name: str) -> Path:
     if root is None:
         raise ValueError(f"{name} needs --data.root pointing at the dataset directory")
     return Path(root).expanduser()
-
-
-def _obtain(found: Callable[[], bool], download: Callable[[], None], allowed: bool, missing: str) -> None:
-    """Downloads when allowed and possible; otherwise fails saying what to put where."""
-    if found():
-        return
-    if allowed:
-        try:
-            download()
-        except Exception as error:  # noqa: BLE001 - any network failure becomes the same clear message
-            log.warning("download failed: %s", error)
-    if not found():
-        raise FileNotFoundError(missing)
 
 
 class DigitsDataModule(SSLDataModule):
@@ -111,7 +95,7 @@ class MNISTDataModule(SSLDataModule):
 
             MNIST(str(root), download=True)
 
-        _obtain(
+        obtain(
             lambda: all(self._locate(root, name) for name in self.files),
             download,
             self.download,
@@ -159,7 +143,7 @@ class CIFAR10DataModule(SSLDataModule):
         root = _require_root(self.root, type(self).__name__)
         folder = root / self.folder
         names = self.train_files + self.test_files
-        _obtain(
+        obtain(
             lambda: all((folder / name).is_file() for name in names),
             lambda: self._download(root),
             self.download,
@@ -223,7 +207,7 @@ class STL10DataModule(SSLDataModule):
 
             STL10(str(root), split="unlabeled", download=True)
 
-        _obtain(
+        obtain(
             lambda: all((folder / name).is_file() for name in self.files),
             download,
             self.download,

@@ -1,9 +1,14 @@
 """Video DataModules: clips decoded with PyAV (mp4, avi, webm, mkv; FFmpeg is inside its wheel)
 or read from folders of extracted frames, sampled to ``frames_per_clip`` frames; samples are uint8
-``(T, C, H, W)`` clips, and views / evaluation give float ``(C, T, H, W)``."""
+``(T, C, H, W)`` clips, and views / evaluation give float ``(C, T, H, W)``. UCF101, HMDB51 and
+Kinetics read the official split files; nothing is downloaded (their archives are .rar files or
+YouTube links)."""
 
 from __future__ import annotations
 
+import csv
+import logging
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +22,8 @@ from ssl_kit.data.base import SSLDataModule, Splits
 from ssl_kit.data.datasets import IMAGE_EXTENSIONS, LabeledFiles, TensorSamples, Transformed, UnreadableFileError, class_names
 from ssl_kit.data.splits import stratified_split
 from ssl_kit.transforms.video import VideoEval, VideoViews
+
+log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v")
 TEST_SPLIT_SEED = 1234
@@ -95,6 +102,33 @@ class VideoDataModule(SSLDataModule):
     def files(self, samples: list[tuple[str, int]], sampling: Literal["random", "center"]) -> VideoFiles:
         return VideoFiles(samples, self.frames_per_clip, self.frame_stride, sampling, self.skip_bad_files)
 
+    def splits_from(
+        self, train: list[tuple[str, int]], val: list[tuple[str, int]] | None, test: list[tuple[str, int]] | None,
+        groups: list[str] | None = None,
+    ) -> Splits:  # fmt: skip
+        """``Splits`` of sample lists: random-start clips for pretraining, central ones for
+        evaluation. Without ``val``, a seeded ``val_fraction`` of every class of ``train`` is held
+        out, whole ``groups`` at a time when given (clips cut from one source video stay together,
+        so validation never sees a scene it trained on)."""
+        if val is None:
+            train, val = self.holdout_groups(train, groups or [path for path, _ in train])
+        return Splits(
+            pretrain=self.files(train, "random"),
+            train=self.files(train, "center"),
+            val=self.files(val, "center"),
+            test=None if test is None else self.files(test, "center"),
+        )
+
+    def holdout_groups(self, samples: list[tuple[str, int]], groups: list[str]) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        """(kept, held) samples: ``stratified_split`` over the groups (each has its first sample's label)."""
+        labels = np.array([label for _, label in samples])
+        _, first, member = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
+        _, held_groups = stratified_split(labels[first], self.val_fraction, self.seed)
+        if len(held_groups) == 0:
+            raise ValueError(f"val_fraction={self.val_fraction} leaves no validation samples")
+        held = np.isin(member, held_groups)
+        return [s for s, h in zip(samples, held) if not h], [s for s, h in zip(samples, held) if h]
+
 
 class VideoFolderDataModule(VideoDataModule):
     """Your own videos: ``root/train/<class>/<video file or folder of frames>`` and, optionally,
@@ -103,8 +137,12 @@ class VideoFolderDataModule(VideoDataModule):
 
     def __init__(self, root: str, *args, **kwargs) -> None:
         super().__init__(root, *args, **kwargs)
-        self.classes = class_names(root, "VideoFolder")
+        self.classes = self.read_classes()
         self.num_classes = len(self.classes)
+
+    def read_classes(self) -> list[str]:
+        """Sorted class names, read at construction: the model's head size is linked to them."""
+        return class_names(self.root, "VideoFolder")
 
     def _samples(self, name: str) -> list[tuple[str, int]] | None:
         directory = Path(self.root).expanduser() / name
@@ -121,18 +159,212 @@ class VideoFolderDataModule(VideoDataModule):
         return samples
 
     def load_splits(self) -> Splits:
-        train = self._samples("train")
-        val, test = self._samples("val"), self._samples("test")
-        if val is None:
-            kept, held = stratified_split(np.array([label for _, label in train]), self.val_fraction, self.seed)
-            train, val = [train[i] for i in kept], [train[i] for i in held]
-        pretrain = self.files(train, "random")
-        return Splits(
-            pretrain=pretrain,
-            train=self.files(train, "center"),
-            val=self.files(val, "center"),
-            test=None if test is None else self.files(test, "center"),
-        )
+        return self.splits_from(self._samples("train"), self._samples("val"), self._samples("test"))
+
+
+KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
+KINETICS_FOLDERS = {"train": ("train",), "validate": ("val", "validate"), "test": ("test",)}
+
+
+class KineticsDataModule(VideoFolderDataModule):
+    """Kinetics-400/600/700: the official ``root/annotations/{train,validate,test}.csv`` (columns
+    label, youtube_id, time_start, time_end, ...); the clip of a row is
+    ``<youtube_id>_<time_start:06d>_<time_end:06d>.mp4`` (any video extension) anywhere under
+    ``root/train``, ``root/val`` (or ``validate``) or ``root/test``: in ``<label>/`` folders or
+    flat, as the common downloaders write them. Rows whose clip is absent (Kinetics always has dead
+    YouTube links) are skipped and counted in one warning per split. A val or test CSV without
+    labels (withheld in some releases) gives no such split. Classes are the sorted train labels;
+    without validate.csv a seeded stratified ``val_fraction`` of train is held out. Without
+    annotations: class folders ``root/train/<class>/*`` exactly as ``VideoFolderDataModule``."""
+
+    def _csv(self, split: str) -> Path:
+        return Path(self.root).expanduser() / "annotations" / f"{split}.csv"
+
+    def read_classes(self) -> list[str]:
+        if self._csv("train").is_file():
+            return sorted({row["label"] for row in self._rows("train")})
+        train = Path(self.root).expanduser() / "train"
+        if not train.is_dir():
+            raise FileNotFoundError(
+                f"Kinetics not found in {self.root}: expected the official annotations {self._csv('train')} "
+                f"(clips under {train}/) or class folders {train}/<class>/*"
+            )
+        return super().read_classes()
+
+    def _rows(self, split: str) -> list[dict[str, str]] | None:
+        path = self._csv(split)
+        if not path.is_file():
+            return None
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            missing = [column for column in KINETICS_COLUMNS if column not in (reader.fieldnames or ())]
+            if missing == ["label"] and split != "train":
+                log.warning("%s has no labels (withheld in this release): no %s split", path, split)
+                return None
+            if missing:
+                raise ValueError(f"{path} lacks the column(s) {', '.join(missing)}")
+            return list(reader)
+
+    def _csv_samples(self, split: str) -> list[tuple[str, int]] | None:
+        """The clips of ``<split>.csv`` found on disk; absent ones are skipped and counted."""
+        rows, path = self._rows(split), self._csv(split)
+        if rows is None:
+            return None
+        root = Path(self.root).expanduser()
+        folders = [root / name for name in KINETICS_FOLDERS[split]]
+        on_disk = {
+            file.stem: file
+            for folder in folders
+            if folder.is_dir()
+            for file in folder.rglob("*")
+            if file.suffix.lower() in VIDEO_EXTENSIONS
+        }
+        index = {name: i for i, name in enumerate(self.classes)}
+        samples = []
+        for row in rows:
+            if row["label"] not in index:
+                raise ValueError(f"{path}: label {row['label']!r} is not in {self._csv('train')}")
+            clip = on_disk.get(f"{row['youtube_id']}_{int(float(row['time_start'])):06d}_{int(float(row['time_end'])):06d}")
+            if clip is not None:
+                samples.append((str(clip), index[row["label"]]))
+        where = " or ".join(f"{folder}/" for folder in folders)
+        if not samples:
+            raise FileNotFoundError(
+                f"none of the {len(rows)} clips of {path} is under {where} "
+                "(expected <label>/<youtube_id>_<time_start:06d>_<time_end:06d>.mp4)"
+            )
+        if len(samples) < len(rows):
+            absent = len(rows) - len(samples)
+            log.warning("Kinetics %s: %d of the %d clips of %s are absent under %s; skipped", split, absent, len(rows), path, where)
+        return samples
+
+    def load_splits(self) -> Splits:
+        if not self._csv("train").is_file():
+            return super().load_splits()
+        return self.splits_from(*(self._csv_samples(split) for split in ("train", "validate", "test")))
+
+
+class OfficialSplitsDataModule(VideoDataModule):
+    """The shared code of UCF101 and HMDB51: classes and the ``fold`` (1-3) train / test lists
+    from the official split files in ``root/<split_folder>``, videos ``<class>/<file>`` under
+    ``videos`` (relative to root, or absolute; None: the first of ``video_folders`` that exists,
+    else root). Validation is a seeded stratified ``val_fraction`` of the official train list, in
+    whole ``group``s; test is the official test list. Nothing is downloaded: the archives are .rar
+    files (unrar, 7z or bsdtar extract them)."""
+
+    dataset: str
+    homepage: str
+    split_folder: str
+    video_folders: tuple[str, ...] = ()
+
+    def __init__(self, root: str, *args, fold: int = 1, videos: str | None = None, **kwargs) -> None:
+        super().__init__(root, *args, **kwargs)
+        if fold not in (1, 2, 3):
+            raise ValueError(f"{self.dataset} fold must be 1-3, got {fold}")
+        self.fold = fold
+        base = Path(root).expanduser()
+        default = next((base / name for name in self.video_folders if (base / name).is_dir()), base)
+        self.video_dir = default if videos is None else base / videos
+        self.classes = self.read_classes()
+        self.num_classes = len(self.classes)
+
+    def split_file(self, name: str) -> Path:
+        """A file (or, for ``""``, the folder) of the official splits; absent, an error saying where to get it."""
+        path = Path(self.root).expanduser() / self.split_folder / name
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{self.dataset} split file not found: {path}. Download the videos and the official train/test splits from "
+                f"{self.homepage} and extract both into {self.root} (the archives are .rar: unrar, 7z or bsdtar open them)."
+            )
+        return path
+
+    def rows(self, name: str) -> list[list[str]]:
+        """The whitespace-separated fields of the non-empty lines of a split file."""
+        return [line.split() for line in self.split_file(name).read_text().splitlines() if line.strip()]
+
+    def read_classes(self) -> list[str]:
+        """Class names in label order."""
+        raise NotImplementedError
+
+    def official_lists(self) -> tuple[list[str], list[str]]:
+        """``<class>/<file>`` of the train and test videos of ``fold``."""
+        raise NotImplementedError
+
+    def group(self, video: str) -> str:
+        """Videos of one group are held out together (default: each video is its own group)."""
+        return video
+
+    def locate(self, videos: list[str]) -> list[tuple[str, int]]:
+        """Samples of listed ``<class>/<file>`` videos; absent ones are an error naming them."""
+        index = {name: i for i, name in enumerate(self.classes)}
+        unknown = [video for video in videos if video.split("/")[0] not in index]
+        if unknown:
+            raise ValueError(f"{self.dataset} fold {self.fold} lists {unknown[0]}, whose class is not one of the {len(index)} classes")
+        missing = [str(self.video_dir / video) for video in videos if not (self.video_dir / video).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} video(s) of the {self.dataset} fold-{self.fold} lists not found, first {missing[0]}: expected "
+                f"{self.video_dir}/<class>/<video> (videos from {self.homepage}; --data.videos names another folder)"
+            )
+        return [(str(self.video_dir / video), index[video.split("/")[0]]) for video in videos]
+
+    def load_splits(self) -> Splits:
+        train, test = self.official_lists()
+        return self.splits_from(self.locate(train), None, self.locate(test), groups=[self.group(video) for video in train])
+
+
+UCF101_GROUP = re.compile(r"_(g\d+)_c\d+\.\w+$")
+
+
+class UCF101DataModule(OfficialSplitsDataModule):
+    """UCF101: videos ``root/UCF-101/<Class>/v_<Class>_gXX_cYY.avi`` (as UCF101.rar extracts; or
+    ``root/<Class>/...``, or ``videos``) and ``root/ucfTrainTestlist/`` (classInd.txt,
+    trainlist0{fold}.txt, testlist0{fold}.txt). 101 classes. The clips of one group gXX are cut
+    from one long video, so validation holds out whole groups of each class: otherwise it would
+    score near-duplicates of training clips."""
+
+    dataset = "UCF101"
+    homepage = "https://www.crcv.ucf.edu/data/UCF101.php"
+    split_folder = "ucfTrainTestlist"
+    video_folders = ("UCF-101",)
+
+    def read_classes(self) -> list[str]:
+        return [name for _, name in sorted((int(number), name) for number, name in self.rows("classInd.txt"))]
+
+    def official_lists(self) -> tuple[list[str], list[str]]:
+        train, test = ([row[0] for row in self.rows(f"{part}list0{self.fold}.txt")] for part in ("train", "test"))
+        return train, test
+
+    def group(self, video: str) -> str:
+        match = UCF101_GROUP.search(video)
+        return video if match is None else f"{video.split('/')[0]}/{match[1]}"
+
+
+class HMDB51DataModule(OfficialSplitsDataModule):
+    """HMDB51: videos ``root/<class>/<name>.avi`` (or under ``videos``) and
+    ``root/testTrainMulti_7030_splits/<class>_test_split{fold}.txt`` with lines ``<name> <id>``:
+    1 train, 2 test, 0 unused in that fold. 51 classes (those with a split file)."""
+
+    dataset = "HMDB51"
+    homepage = "https://serre-lab.clps.brown.edu/resource/hmdb-a-large-human-motion-database/"
+    split_folder = "testTrainMulti_7030_splits"
+
+    def _suffix(self) -> str:
+        return f"_test_split{self.fold}.txt"
+
+    def read_classes(self) -> list[str]:
+        folder = self.split_file("")
+        classes = sorted(path.name[: -len(self._suffix())] for path in folder.glob(f"*{self._suffix()}"))
+        if not classes:
+            raise FileNotFoundError(f"no HMDB51 split files <class>{self._suffix()} in {folder} (from {self.homepage})")
+        return classes
+
+    def official_lists(self) -> tuple[list[str], list[str]]:
+        parts: dict[str, list[str]] = {"1": [], "2": [], "0": []}  # train, test, unused
+        for name in self.classes:
+            for video, part in self.rows(f"{name}{self._suffix()}"):
+                parts[part].append(f"{name}/{video}")
+        return parts["1"], parts["2"]
 
 
 MOTIONS = ("right", "left", "down", "up", "clockwise", "anticlockwise", "zoom in", "zoom out")
