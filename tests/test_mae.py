@@ -16,7 +16,7 @@ from ssl_kit.evaluation import knn_accuracy
 from ssl_kit.losses.mae import MaskedReconstructionLoss
 from ssl_kit.methods.mae import FIGURE_MIN_SIDE, MAE
 from ssl_kit.models.masking import gather_tokens, random_token_mask
-from ssl_kit.models.patches import grid_shape, patchify, sincos_2d, unpatchify
+from ssl_kit.models.patches import grid_shape, patchify, sincos_grid, unpatchify
 
 
 def fresh_copy(model: L.LightningModule) -> L.LightningModule:
@@ -78,7 +78,7 @@ def test_patchify_round_trip_any_channels_and_grid(shape, patch, grid):
     images = torch.randn(shape)
     batch, channels, height, width = shape
     ph, pw = (patch, patch) if isinstance(patch, int) else patch
-    assert grid_shape(height, width, patch) == grid
+    assert grid_shape((height, width), patch) == grid
     patches = patchify(images, patch)
     assert patches.shape == (batch, grid[0] * grid[1], ph * pw * channels)
     assert torch.equal(unpatchify(patches, grid, patch, channels), images)
@@ -105,7 +105,7 @@ def test_patch_order_matches_the_vit_patch_embedding():
 
 
 def test_sincos_2d_on_a_non_square_grid():
-    embedding = sincos_2d(32, (3, 5))
+    embedding = sincos_grid(32, (3, 5))
     assert embedding.shape == (15, 32)
     assert len({tuple(row.tolist()) for row in embedding}) == 15
     # the first half encodes the row, the second half the column
@@ -175,14 +175,14 @@ def test_encoder_sees_only_visible_patches():
     latent = model.encode(images, mask)
     assert latent.shape == (3, 1 + 4, model.backbone.embed_dim)  # class token + 4 of 16 patches
     hidden = mask.mask.unsqueeze(-1)
-    noise = torch.randn_like(model.patchify(images)) * 5
-    scrambled = model.unpatchify(torch.where(hidden, noise, model.patchify(images)))
+    noise = torch.randn_like(model.patches.patchify(images)) * 5
+    scrambled = model.patches.unpatchify(torch.where(hidden, noise, model.patches.patchify(images)))
     assert not torch.equal(scrambled, images)
     assert torch.allclose(model.encode(scrambled, mask), latent, atol=1e-6)
     # the decoder's predictions depend on the visible pixels only, too
     assert torch.allclose(model.decoder(model.encode(scrambled, mask), mask), model.decoder(latent, mask), atol=1e-6)
     # while changing a visible patch changes the encoding
-    visible_changed = model.unpatchify(torch.where(hidden, model.patchify(images), noise))
+    visible_changed = model.patches.unpatchify(torch.where(hidden, model.patches.patchify(images), noise))
     assert not torch.allclose(model.encode(visible_changed, mask), latent, atol=1e-3)
 
 
@@ -202,8 +202,8 @@ def test_reconstruction_pastes_visible_patches():
     mask = model.random_mask(2, torch.Generator().manual_seed(0))
     recon = model.reconstruct(images, mask)
     visible = ~mask.mask
-    assert torch.equal(model.patchify(recon)[visible], model.patchify(images)[visible])
-    assert not torch.allclose(model.patchify(recon)[mask.mask], model.patchify(images)[mask.mask])
+    assert torch.equal(model.patches.patchify(recon)[visible], model.patches.patchify(images)[visible])
+    assert not torch.allclose(model.patches.patchify(recon)[mask.mask], model.patches.patchify(images)[mask.mask])
 
 
 @pytest.mark.parametrize("full", [False, True])
@@ -229,7 +229,7 @@ def test_encoder_position_embeddings_are_fixed_sincos():
     model = tiny_mae()
     pos = model.backbone.pos_embed
     assert not pos.requires_grad
-    assert torch.equal(pos[0, 1:], sincos_2d(pos.shape[-1], (4, 4))) and not pos[0, 0].any()
+    assert torch.equal(pos[0, 1:], sincos_grid(pos.shape[-1], (4, 4))) and not pos[0, 0].any()
     assert tiny_mae(fixed_pos_embed=False).backbone.pos_embed.requires_grad
 
 
@@ -250,7 +250,7 @@ def test_shipped_configs_build_a_tiling_vit(config, image_size, grid):
     views = spec["data"]["init_args"]["views"]["init_args"]
     assert views["num_views"] == 1 and views["jitter_prob"] == 0 and views["grayscale_prob"] == 0
     model = MAE(image_size=image_size, **spec["model"]["init_args"])
-    assert model.grid == grid
+    assert model.patches.grid == grid
     loss, _ = model.training_loss([torch.randn(2, 3, image_size, image_size)])
     assert torch.isfinite(loss)
 
@@ -311,7 +311,7 @@ def masked_val_loss(model: MAE, images: torch.Tensor) -> float:
     mask = model.random_mask(len(images), torch.Generator().manual_seed(0))
     with torch.no_grad():
         pred = model.decoder(model.encode(images, mask), mask)
-        return model.criterion(pred, model.patchify(images), mask.mask).item()
+        return model.criterion(pred, model.patches.patchify(images), mask.mask).item()
 
 
 def test_mae_learns_beyond_random_init_features(tmp_path):
@@ -328,7 +328,7 @@ def test_mae_learns_beyond_random_init_features(tmp_path):
 
     images = torch.cat([batch[0] for batch in val])
     mask = cli.model.random_mask(len(images), torch.Generator().manual_seed(0)).mask
-    constant = cli.model.criterion(torch.zeros_like(cli.model.patchify(images)), cli.model.patchify(images), mask).item()
+    constant = cli.model.criterion(torch.zeros_like(cli.model.patches.patchify(images)), cli.model.patches.patchify(images), mask).item()
     loss_trained, loss_random = masked_val_loss(cli.model, images), masked_val_loss(fresh, images)
     print(
         f"MAE: kNN trained {trained:.3f} vs random init {random_init:.3f}; masked val loss trained "

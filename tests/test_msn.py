@@ -150,20 +150,20 @@ def test_prototypes_and_online_network_get_gradients_target_gets_none():
 
 
 def test_target_view_is_never_masked_and_anchors_always_are(monkeypatch):
-    import ssl_kit.methods.msn as msn_module
+    from ssl_kit.models.tokens import ImageViTTokens
 
     model = tiny_msn(mask_ratio=0.25)
     calls = []
-    real = msn_module.vit_tokens
+    real = ImageViTTokens.tokens
 
-    def spy(vit, images, keep=None):
-        tokens = real(vit, images, keep)
+    def spy(patches, images, keep=None):
+        tokens = real(patches, images, keep)
         calls.append(
-            {"target": vit is model.target_backbone, "size": images.shape[-1], "rows": images.shape[0], "keep": keep, "tokens": tokens.shape[1]}
+            {"target": patches.backbone is model.target_backbone, "size": images.shape[-1], "rows": images.shape[0], "keep": keep, "tokens": tokens.shape[1]}
         )
         return tokens
 
-    monkeypatch.setattr(msn_module, "vit_tokens", spy)
+    monkeypatch.setattr(ImageViTTokens, "tokens", spy)
     views = tiny_views(batch=6, local_views=3)
     model.training_loss(views)
 

@@ -1,5 +1,6 @@
 """MSN, Masked Siamese Networks (Assran et al. 2022): masked anchor views matched to the
-prototype assignment of an unmasked target view from an EMA encoder. ViT backbones only."""
+prototype assignment of an unmasked target view from an EMA encoder. ViT backbones only: image
+and spectrogram ViTs, or video ViTs on clips (through ``ssl_kit.models.tokens``)."""
 
 from __future__ import annotations
 
@@ -7,26 +8,13 @@ from collections.abc import Iterator
 
 import torch
 from lightly.models.modules.heads import MSNProjectionHead
-from timm.layers import Format
-from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from ssl_kit.losses.msn import MSNLoss
 from ssl_kit.methods.base import SSLMethod
 from ssl_kit.methods.momentum import EMAUpdater, frozen_copy
 from ssl_kit.models.masking import random_token_mask
-from ssl_kit.models.vit import require_vit, vit_pooled, vit_tokens
-
-
-def allow_any_image_size(vit: VisionTransformer) -> VisionTransformer:
-    """Lets a timm ViT built for one image size take any multiple of its patch size (multi-crop:
-    96 px local crops on a 224 px model), resampling the position embeddings as timm's
-    ``dynamic_img_size=True`` does. Parameters are unchanged, so exports stay plain timm weights."""
-    vit.dynamic_img_size = True
-    vit.patch_embed.strict_img_size = False
-    vit.patch_embed.flatten = False
-    vit.patch_embed.output_fmt = Format.NHWC
-    return vit
+from ssl_kit.models.tokens import ImageViTTokens, PatchTokens, patch_tokens
 
 
 def same_size_runs(views: list[Tensor]) -> Iterator[list[Tensor]]:
@@ -78,13 +66,16 @@ class MSN(SSLMethod):
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
-        allow_any_image_size(require_vit(self.backbone))
+        self.patches: PatchTokens = patch_tokens(self.backbone)
+        if isinstance(self.patches, ImageViTTokens):
+            self.patches.allow_any_input_size()  # multi-crop: local views are smaller
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         self.projector = MSNProjectionHead(self.feature_dim, projection_hidden_dim, projection_dim)
         self.prototypes = nn.Linear(projection_dim, num_prototypes, bias=False)
         self.criterion = MSNLoss(temperature, sharpen_temperature, sinkhorn_iterations, me_max_weight)
         self.target_backbone = frozen_copy(self.backbone)
+        self.target_patches = patch_tokens(self.target_backbone)
         self.target_projector = frozen_copy(self.projector)
         self.ema = EMAUpdater(
             [(self.target_backbone, self.backbone), (self.target_projector, self.projector)],
@@ -95,23 +86,18 @@ class MSN(SSLMethod):
         )
 
     # -- forward passes ---------------------------------------------------------------------
-    def num_patches(self, images: Tensor) -> int:
-        patch_h, patch_w = self.backbone.patch_embed.patch_size
-        return (images.shape[-2] // patch_h) * (images.shape[-1] // patch_w)
-
     @torch.no_grad()
     def target_embeddings(self, view: Tensor) -> Tensor:
         """The target view, all of its tokens, through the EMA encoder and projector."""
-        tokens = vit_tokens(self.target_backbone, view)
-        return self.target_projector(vit_pooled(self.target_backbone, tokens))
+        return self.target_projector(self.target_patches.pooled(self.target_patches.tokens(view)))
 
     def anchor_features(self, views: list[Tensor]) -> Tensor:
         """Pooled online-backbone features of the masked anchor views, view-major (V * B, F)."""
         pooled = []
         for run in same_size_runs(views):
-            images = torch.cat(run)
-            mask = random_token_mask(images.shape[0], self.num_patches(images), self.hparams.mask_ratio, images.device)
-            pooled.append(vit_pooled(self.backbone, vit_tokens(self.backbone, images, keep=mask.keep)))
+            inputs = torch.cat(run)
+            mask = random_token_mask(inputs.shape[0], self.patches.num_tokens(inputs), self.hparams.mask_ratio, inputs.device)
+            pooled.append(self.patches.pooled(self.patches.tokens(inputs, keep=mask.keep)))
         return torch.cat(pooled)
 
     def training_loss(self, views: list[Tensor]) -> tuple[Tensor, Tensor]:

@@ -1,55 +1,63 @@
-"""Patch helpers independent of masking and modality: images, spectrograms, any ``(B, C, H, W)`` grid.
+"""Patch helpers independent of masking and modality: images, spectrograms (``(B, C, H, W)``) and clips (``(B, C, T, H, W)``).
 
-Token order is row-major over the patch grid (``rows x cols``), the order of timm's ``PatchEmbed``;
-inside a patch the values are ordered ``(row, col, channel)``, channels last, as in the MAE
+Token order is row-major over the patch grid (``rows x cols``, or ``time x rows x cols``), the
+order of timm's ``PatchEmbed`` and of a flattened 3-D convolution; inside a patch the values are
+ordered ``(row, col, channel)`` (``(time, row, col, channel)``), channels last, as in the MAE
 reference code. ``unpatchify`` is the exact inverse of ``patchify``.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-Size2 = int | tuple[int, int]
+PatchSize = int | tuple[int, ...]
 
 
-def pair(value: Size2) -> tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    first, second = value
-    return int(first), int(second)
+def patch_shape(patch_size: PatchSize, dims: int) -> tuple[int, ...]:
+    """A patch size per axis; an int is the same side on every axis."""
+    if isinstance(patch_size, int):
+        return (patch_size,) * dims
+    if len(patch_size) != dims:
+        raise ValueError(f"patch size {tuple(patch_size)} has {len(patch_size)} axes, the input {dims}")
+    return tuple(int(side) for side in patch_size)
 
 
-def grid_shape(height: int, width: int, patch_size: Size2) -> tuple[int, int]:
-    """``(rows, cols)`` of the patch grid; the patch must tile the input exactly."""
-    ph, pw = pair(patch_size)
-    if height % ph or width % pw:
-        raise ValueError(f"patch {ph}x{pw} does not tile a {height}x{width} input")
-    return height // ph, width // pw
+def grid_shape(shape: tuple[int, ...], patch_size: PatchSize) -> tuple[int, ...]:
+    """Patches per axis of an input of spatial ``shape``; the patch must tile it exactly."""
+    patch = patch_shape(patch_size, len(shape))
+    if any(side % step for side, step in zip(shape, patch)):
+        raise ValueError(f"patch {'x'.join(map(str, patch))} does not tile a {'x'.join(map(str, shape))} input")
+    return tuple(side // step for side, step in zip(shape, patch))
 
 
-def patchify(inputs: Tensor, patch_size: Size2) -> Tensor:
-    """``(B, C, H, W)`` -> ``(B, rows * cols, ph * pw * C)``."""
-    batch, channels, height, width = inputs.shape
-    ph, pw = pair(patch_size)
-    rows, cols = grid_shape(height, width, (ph, pw))
-    x = inputs.reshape(batch, channels, rows, ph, cols, pw)
-    x = x.permute(0, 2, 4, 3, 5, 1)  # B, rows, cols, ph, pw, C
-    return x.reshape(batch, rows * cols, ph * pw * channels)
+def patchify(inputs: Tensor, patch_size: PatchSize) -> Tensor:
+    """``(B, C, *spatial)`` -> ``(B, prod(grid), prod(patch) * C)``; 2-D images, spectrograms, or
+    ``(B, C, T, H, W)`` clips cut into tubelets."""
+    batch, channels, *shape = inputs.shape
+    patch = patch_shape(patch_size, len(shape))
+    grid = grid_shape(tuple(shape), patch)
+    x = inputs.reshape(batch, channels, *(n for pair in zip(grid, patch) for n in pair))
+    dims = len(shape)
+    x = x.permute(0, *range(2, 2 + 2 * dims, 2), *range(3, 3 + 2 * dims, 2), 1)  # B, grid..., patch..., C
+    return x.reshape(batch, math.prod(grid), math.prod(patch) * channels)
 
 
-def unpatchify(patches: Tensor, grid: tuple[int, int], patch_size: Size2, channels: int) -> Tensor:
-    """``(B, rows * cols, ph * pw * C)`` -> ``(B, C, rows * ph, cols * pw)``; inverse of ``patchify``."""
-    rows, cols = grid
-    ph, pw = pair(patch_size)
+def unpatchify(patches: Tensor, grid: tuple[int, ...], patch_size: PatchSize, channels: int) -> Tensor:
+    """``(B, prod(grid), prod(patch) * C)`` -> ``(B, C, *(grid * patch))``; inverse of ``patchify``."""
+    patch = patch_shape(patch_size, len(grid))
     batch, tokens, dim = patches.shape
-    if tokens != rows * cols or dim != ph * pw * channels:
+    if tokens != math.prod(grid) or dim != math.prod(patch) * channels:
         raise ValueError(
-            f"patches of shape {tuple(patches.shape)} do not match a {rows}x{cols} grid of {ph}x{pw}x{channels} patches"
+            f"patches of shape {tuple(patches.shape)} do not match a {'x'.join(map(str, grid))} grid of "
+            f"{'x'.join(map(str, patch))}x{channels} patches"
         )
-    x = patches.reshape(batch, rows, cols, ph, pw, channels)
-    x = x.permute(0, 5, 1, 3, 2, 4)  # B, C, rows, ph, cols, pw
-    return x.reshape(batch, channels, rows * ph, cols * pw)
+    dims = len(grid)
+    x = patches.reshape(batch, *grid, *patch, channels)
+    x = x.permute(0, 2 * dims + 1, *(axis for i in range(dims) for axis in (1 + i, 1 + dims + i)))  # B, C, (grid_i, patch_i)...
+    return x.reshape(batch, channels, *(cells * side for cells, side in zip(grid, patch)))
 
 
 def patch_moments(patches: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
@@ -74,16 +82,18 @@ def sincos_1d(dim: int, positions: Tensor) -> Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
-def sincos_2d(dim: int, grid: tuple[int, int]) -> Tensor:
-    """Fixed 2-D sin-cos position embedding ``(rows * cols, dim)`` in row-major token order.
+def sincos_grid(dim: int, grid: tuple[int, ...]) -> Tensor:
+    """Fixed sin-cos position embedding ``(prod(grid), dim)`` in row-major token order.
 
-    Half the channels encode the row, half the column, so non-square grids (spectrograms:
-    frequency x time) are embedded without distortion. ``dim`` must be divisible by 4.
+    Each axis gets its own block of channels (equal, even-sized blocks; the first axis takes any
+    remainder), so non-square grids (spectrograms: frequency x time) and video grids (time x
+    rows x cols) are embedded without distortion. On a 2-D grid with ``dim`` divisible by 4 this
+    is MAE's 2-D embedding: half the channels for the row, half for the column.
     """
-    if dim % 4:
-        raise ValueError(f"2-D sin-cos embedding needs a dimension divisible by 4, got {dim}")
-    rows, cols = grid
-    row_idx, col_idx = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-    embedding = torch.cat([sincos_1d(dim // 2, row_idx.flatten()), sincos_1d(dim // 2, col_idx.flatten())], dim=1)
+    block = 2 * (dim // (2 * len(grid)))
+    if dim % 2 or block == 0:
+        raise ValueError(f"a sin-cos embedding of a {len(grid)}-axis grid needs an even dimension >= {2 * len(grid)}, got {dim}")
+    sizes = [dim - block * (len(grid) - 1)] + [block] * (len(grid) - 1)
+    coords = torch.meshgrid(*(torch.arange(cells) for cells in grid), indexing="ij")
+    embedding = torch.cat([sincos_1d(size, axis.flatten()) for size, axis in zip(sizes, coords)], dim=1)
     return embedding.float()
-
