@@ -133,7 +133,7 @@ def test_fsdd_official_and_speaker_splits():
 
 def test_fsdd_missing_root_says_where(tmp_path):
     with pytest.raises(FileNotFoundError, match="recordings"):
-        FSDDDataModule(str(tmp_path)).setup("fit")
+        FSDDDataModule(str(tmp_path), download=False).setup("fit")
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def test_speech_commands_official_lists(tmp_path):
     assert data.image_size == (64, 101) and next(iter(data.test_dataloader()))[0].shape == (5, 1, 64, 101)
     (tmp_path / "testing_list.txt").unlink()
     with pytest.raises(FileNotFoundError, match="testing_list.txt"):
-        SpeechCommandsDataModule(str(tmp_path)).setup("fit")
+        SpeechCommandsDataModule(str(tmp_path), download=False).setup("fit")
 
 
 def test_esc50_fold_is_the_test_set_and_bad_csv_is_named(tmp_path):

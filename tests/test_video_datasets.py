@@ -116,6 +116,9 @@ def test_hmdb51_split_ids_folds_and_missing_video(tmp_path):
     (tmp_path / "climb_stairs" / "climb_stairs_clip5_f_cm_np1_fr_med_5.avi").unlink()
     with pytest.raises(FileNotFoundError, match="climb_stairs_clip5_f_cm_np1_fr_med_5.avi"):
         HMDB51DataModule(str(tmp_path), **FAST).setup("fit")
+    (splits / "brush_hair_test_split3.txt").write_text("brush_hair_clip0_f_cm_np1_fr_med_0.avi 7\n")
+    with pytest.raises(ValueError, match=r"brush_hair_test_split3.txt.*clip0.* 7"):
+        HMDB51DataModule(str(tmp_path), fold=3, **FAST).setup("fit")
 
 
 def kinetics_name(youtube_id: str, start: int) -> str:

@@ -19,7 +19,7 @@ from ssl_kit.data.datasets import LabeledFiles, TensorSamples, Transformed, Unre
 from ssl_kit.data.download import download_and_extract, obtain
 from ssl_kit.data.splits import stratified_split
 from ssl_kit.transforms.audio import AudioEval, AudioViews, LogMel
-from ssl_kit.transforms.base import ViewAugmentation
+from ssl_kit.transforms.base import PairedViews, ViewAugmentation
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".au")
 TEST_SPLIT_SEED = 1234
@@ -59,8 +59,8 @@ class AudioDataModule(SSLDataModule):
     evaluation); longer ones are cropped (random / centre)."""
 
     default_sample_rate = 16000
-    mean = (0.0,)  # spectrograms are standardised per clip by the front end
-    std = (1.0,)
+    mean = None  # no pixel normalisation: the front end standardises each spectrogram
+    std = None
 
     def __init__(
         self,
@@ -83,9 +83,12 @@ class AudioDataModule(SSLDataModule):
         super().__init__(root, *args, image_size=image_size, views=views if views is not None else AudioViews(), **kwargs)
 
     def configure_views(self) -> None:
-        if not isinstance(self.views, AudioViews):
-            raise TypeError(f"{type(self).__name__} needs AudioViews, got {type(self.views).__name__}")
-        self.views.configure_audio(self.frontend, self.clip_samples)
+        parts = self.views.parts if isinstance(self.views, PairedViews) else (self.views,)
+        wrong = [type(part).__name__ for part in parts if not isinstance(part, AudioViews)]
+        if wrong:
+            raise TypeError(f"{type(self).__name__} needs AudioViews (or PairedViews of two), got {', '.join(wrong)}")
+        for part in parts:
+            part.configure_audio(self.frontend, self.clip_samples)
 
     @property
     def eval_transform(self) -> AudioEval:

@@ -21,6 +21,7 @@ from torch import Tensor
 from ssl_kit.data.base import SSLDataModule, Splits
 from ssl_kit.data.datasets import IMAGE_EXTENSIONS, LabeledFiles, TensorSamples, Transformed, UnreadableFileError, class_names
 from ssl_kit.data.splits import stratified_split
+from ssl_kit.transforms.base import ViewAugmentation
 from ssl_kit.transforms.video import VideoEval, VideoViews
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class VideoDataModule(SSLDataModule):
         frames_per_clip: int = 8,
         frame_stride: int = 2,
         frame_size: int | None = None,
-        views: VideoViews | None = None,
+        views: ViewAugmentation | None = None,
         **kwargs,
     ) -> None:
         self.frames_per_clip = frames_per_clip
@@ -362,8 +363,11 @@ class HMDB51DataModule(OfficialSplitsDataModule):
     def official_lists(self) -> tuple[list[str], list[str]]:
         parts: dict[str, list[str]] = {"1": [], "2": [], "0": []}  # train, test, unused
         for name in self.classes:
-            for video, part in self.rows(f"{name}{self._suffix()}"):
-                parts[part].append(f"{name}/{video}")
+            split_file = f"{name}{self._suffix()}"
+            for fields in self.rows(split_file):
+                if len(fields) != 2 or fields[1] not in parts:
+                    raise ValueError(f"{self.split_file(split_file)}: expected '<video> <0|1|2>' lines, got {' '.join(fields)!r}")
+                parts[fields[1]].append(f"{name}/{fields[0]}")
         return parts["1"], parts["2"]
 
 

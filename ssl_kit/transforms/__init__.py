@@ -1,6 +1,6 @@
 from ssl_kit.transforms.audio import AudioViews, LogMel
-from ssl_kit.transforms.base import ViewAugmentation
+from ssl_kit.transforms.base import PairedViews, ViewAugmentation
 from ssl_kit.transforms.image import ImageViews, WeakStrongViews, eval_transform
 from ssl_kit.transforms.video import VideoViews
 
-__all__ = ["ViewAugmentation", "ImageViews", "WeakStrongViews", "AudioViews", "LogMel", "VideoViews", "eval_transform"]
+__all__ = ["ViewAugmentation", "PairedViews", "ImageViews", "WeakStrongViews", "AudioViews", "LogMel", "VideoViews", "eval_transform"]

@@ -38,3 +38,32 @@ class ViewAugmentation(ABC):
     def on_device(self, views: list[Tensor]) -> list[Tensor]:
         """Batched stage on the training device; identity for per-sample pipelines."""
         return views
+
+
+class PairedViews(ViewAugmentation):
+    """Self-training views for any modality: view 0 from ``weak``, view 1 from ``strong`` (each
+    configured with ``num_views: 1``), e.g. two ``AudioViews`` or two ``VideoViews`` of different
+    strength. Images have a ready pair in ``WeakStrongViews`` (RandAugment + Cutout)."""
+
+    def __init__(self, weak: ViewAugmentation, strong: ViewAugmentation) -> None:
+        for name, part in (("weak", weak), ("strong", strong)):
+            if getattr(part, "num_views", 1) != 1:
+                raise ValueError(f"PairedViews takes one view from each part: set {name}.num_views to 1")
+        self.weak, self.strong = weak, strong
+
+    @property
+    def parts(self) -> tuple[ViewAugmentation, ViewAugmentation]:
+        return self.weak, self.strong
+
+    def configure(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        for part in self.parts:
+            part.configure(image_size, mean, std)
+
+    def build(self) -> None:
+        """Nothing of its own: each part is built when configured."""
+
+    def __call__(self, sample: Any) -> list[Tensor]:
+        return [self.weak(sample)[0], self.strong(sample)[0]]
+
+    def on_device(self, views: list[Tensor]) -> list[Tensor]:
+        return [part.on_device([view])[0] for part, view in zip(self.parts, views)]

@@ -34,7 +34,9 @@ class VideoEval:
 class VideoViews(ViewAugmentation):
     """``num_views`` augmented views of a clip, each consistent across its frames: random resized
     crop, horizontal flip (``flip_prob``; 0 where direction is the label, as in the embedded
-    moving digits), colour jitter with probability ``jitter_prob``, grayscale."""
+    moving digits), colour jitter with probability ``jitter_prob``, grayscale, and with
+    ``erase_prob`` one random rectangle erased in every frame (Cutout; for the strong view of
+    self-training pairs, see ``PairedViews``)."""
 
     def __init__(
         self,
@@ -47,6 +49,8 @@ class VideoViews(ViewAugmentation):
         saturation: float = 0.2,
         hue: float = 0.1,
         grayscale_prob: float = 0.2,
+        erase_prob: float = 0.0,
+        erase_scale: tuple[float, float] = (0.02, 0.25),
     ) -> None:
         self.num_views = num_views
         self.crop_scale = tuple(crop_scale)
@@ -54,6 +58,8 @@ class VideoViews(ViewAugmentation):
         self.jitter_prob = jitter_prob
         self.jitter = (brightness, contrast, saturation, hue)
         self.grayscale_prob = grayscale_prob
+        self.erase_prob = erase_prob
+        self.erase_scale = tuple(erase_scale)
 
     def build(self) -> None:
         size = self.image_size[-1] if isinstance(self.image_size, (tuple, list)) else self.image_size
@@ -64,6 +70,7 @@ class VideoViews(ViewAugmentation):
                 v2.RandomApply([v2.ColorJitter(*self.jitter)], p=self.jitter_prob),
                 v2.RandomGrayscale(self.grayscale_prob),
                 *_finish(self.mean, self.std),
+                v2.RandomErasing(self.erase_prob, scale=self.erase_scale, value=0),
             ]
         )
 
