@@ -36,3 +36,24 @@ def fit(config: str, root: Path, *overrides: str, base: list[str] = TINY):
     from ssl_kit.fit import main
 
     return main(["--config", str(REPO / "configs" / config), "--trainer.default_root_dir", str(root), *base, *overrides])
+
+
+def fresh_copy(model):
+    """The same method and hyper-parameters at random init (seeded like the trained runs)."""
+    import lightning as L
+
+    L.seed_everything(0)
+    return type(model)(**{k: v for k, v in model.hparams.items() if not k.startswith("_")})
+
+
+def knn_against_random_init(cli, label: str) -> tuple[float, float]:
+    """kNN accuracy (bank -> validation set) of a trained run's backbone and of the same method
+    at random init, printed, so "learns" is measured against the random-features baseline."""
+    from ssl_kit.evaluation import knn_accuracy
+
+    bank, val = cli.datamodule.val_dataloader()
+    classes = cli.datamodule.num_classes
+    trained = knn_accuracy(cli.model.backbone, bank, val, num_classes=classes)
+    random_init = knn_accuracy(fresh_copy(cli.model).backbone, bank, val, num_classes=classes)
+    print(f"{label}: kNN trained {trained:.3f} vs random init {random_init:.3f} after {cli.trainer.global_step} steps")
+    return trained, random_init

@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 import yaml
 from PIL import Image
 
-from conftest import REPO, fit
+from conftest import REPO, fit, fresh_copy
 from ssl_kit.evaluation import knn_accuracy
 from ssl_kit.losses.mae import MaskedReconstructionLoss
 from ssl_kit.methods.mae import FIGURE_MIN_SIDE, MAE
 from ssl_kit.models.masking import gather_tokens, random_token_mask
 from ssl_kit.models.patches import grid_shape, patchify, sincos_grid, unpatchify
-
-
-def fresh_copy(model: L.LightningModule) -> L.LightningModule:
-    """The same method and hyper-parameters at random init (seeded like the trained run)."""
-    L.seed_everything(0)
-    return type(model)(**{k: v for k, v in model.hparams.items() if not k.startswith("_")})
 
 
 def tiny_mae(**kwargs) -> MAE:

@@ -6,16 +6,9 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import REPO, fit
+from conftest import REPO, fit, knn_against_random_init
 from ssl_kit.data import DigitsDataModule
-from ssl_kit.evaluation import knn_accuracy
 from ssl_kit.methods import BarlowTwins, SimCLR
-
-
-def fresh_copy(model: L.LightningModule) -> L.LightningModule:
-    """The same method and hyper-parameters at random init (seeded like the trained run)."""
-    L.seed_everything(0)
-    return type(model)(**{k: v for k, v in model.hparams.items() if not k.startswith("_")})
 
 
 @pytest.mark.parametrize("config", ["simclr_digits.yaml", "barlow_twins_digits.yaml"])
@@ -27,10 +20,7 @@ def test_method_learns_beyond_random_init_features(tmp_path, config):
         "--trainer.max_epochs", "5", "--trainer.limit_train_batches", "1.0", "--trainer.limit_val_batches", "1.0",
         "--data.image_size", "16", "--data.batch_size", "128",
     )  # fmt: skip
-    bank, val = cli.datamodule.val_dataloader()
-    trained = knn_accuracy(cli.model.backbone, bank, val, num_classes=10)
-    random_init = knn_accuracy(fresh_copy(cli.model).backbone, bank, val, num_classes=10)
-    print(f"{config}: kNN trained {trained:.3f} vs random init {random_init:.3f}")
+    trained, random_init = knn_against_random_init(cli, config)
     assert trained >= random_init + 0.1
     # The online kNN monitor reports the same number as the offline evaluation.
     assert cli.trainer.callback_metrics["val/knn_acc"].item() == pytest.approx(trained, abs=1e-6)

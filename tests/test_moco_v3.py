@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from conftest import fit
+from conftest import fit, fresh_copy, knn_against_random_init
 from ddp import TwoViewLinear, gloo_group, seeded_two_view_linear, spawn_ranks
 from ssl_kit.losses.moco import InfoNCELoss
 from ssl_kit.methods.momentum import EMAUpdater, momentum_at
@@ -263,7 +263,6 @@ def test_two_rank_infonce_equals_one_process_on_the_global_batch(ranks: list[dic
 def test_moco_v3_learns_beyond_random_init_features(tmp_path):
     """One epoch (18 steps) on the digits at 12 px: kNN accuracy of the trained ResNet-18 clearly
     beats the same ResNet-18 at random init (about 0.69 at 12 px; trained: about 0.85-0.88)."""
-    from ssl_kit.evaluation import knn_accuracy
     from ssl_kit.export import backbone_from_checkpoint
 
     cli = fit(
@@ -272,17 +271,13 @@ def test_moco_v3_learns_beyond_random_init_features(tmp_path):
         "--data.image_size", "12", "--data.batch_size", "64", "--model.warmup_epochs", "0.3",
     )  # fmt: skip
     model = cli.model
-    bank, val = cli.datamodule.val_dataloader()
-    trained = knn_accuracy(model.backbone, bank, val, num_classes=10)
-    L.seed_everything(0)
-    fresh = MoCoV3(**{k: v for k, v in model.hparams.items() if not k.startswith("_")})
-    random_init = knn_accuracy(fresh.backbone, bank, val, num_classes=10)
-    print(f"moco_v3_digits: kNN trained {trained:.3f} vs random init {random_init:.3f}")
+    trained, random_init = knn_against_random_init(cli, "moco_v3_digits")
     assert trained >= random_init + 0.1
     assert cli.trainer.callback_metrics["val/knn_acc"].item() == pytest.approx(trained, abs=1e-6)
 
     # the momentum encoder moved (EMA) but is neither the online encoder nor its initial state
     online = dict(model.backbone.named_parameters())
+    fresh = fresh_copy(model)
     moved = [name for name, p in model.momentum_backbone.named_parameters() if not torch.equal(p, fresh.backbone.get_parameter(name))]
     assert moved and any(not torch.equal(p, online[name]) for name, p in model.momentum_backbone.named_parameters())
     assert 0.99 < model.ema.momentum <= 1.0

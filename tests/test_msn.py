@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-from conftest import REPO, fit
+from conftest import REPO, fit, fresh_copy, knn_against_random_init
 from ddp import gloo_group, spawn_ranks
 from ssl_kit.losses.msn import MSNLoss, sinkhorn
 
@@ -379,18 +379,9 @@ CLI_RUN = [
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     """One MSN pretraining through the real CLI, its kNN accuracy, and the same ViT at random init."""
-    import lightning as L
-
-    from ssl_kit.evaluation import knn_accuracy
-
     cli = fit("msn_digits.yaml", tmp_path_factory.mktemp("msn_digits"), *CLI_RUN)
-    bank, val = cli.datamodule.val_dataloader()
-    trained = knn_accuracy(cli.model.backbone, bank, val, num_classes=10)
-    L.seed_everything(0)  # the same method and hyper-parameters at random init
-    random_model = type(cli.model)(**{k: v for k, v in cli.model.hparams.items() if not k.startswith("_")})
-    random_init = knn_accuracy(random_model.backbone, bank, val, num_classes=10)
-    print(f"msn_digits: kNN trained {trained:.3f} vs random init {random_init:.3f}, {cli.trainer.global_step} steps")
-    return {"cli": cli, "trained": trained, "random_init": random_init, "random_model": random_model}
+    trained, random_init = knn_against_random_init(cli, "msn_digits")
+    return {"cli": cli, "trained": trained, "random_init": random_init, "random_model": fresh_copy(cli.model)}
 
 
 def test_cli_run_trains_prototypes_without_weight_decay_and_steps_the_ema(digits_run):

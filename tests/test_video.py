@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_RUN, fit
+from conftest import TINY_RUN, fit, knn_against_random_init
 from ssl_kit.data import MovingDigitsDataModule, VideoFolderDataModule
 from ssl_kit.data.datasets import UnreadableFileError
 from ssl_kit.data.video import clip_indices, read_video
@@ -124,3 +124,17 @@ def test_videofolder_config_runs_on_a_folder_of_mp4s(tmp_path):
         "--data.batch_size", "2", "--data.frame_size", "32", "--data.val_fraction", "0.34", base=TINY_RUN,
     )  # fmt: skip
     assert cli.trainer.global_step == 2 and cli.datamodule.num_classes == 2
+
+
+def test_simclr_learns_motion_on_the_embedded_clips(tmp_path):
+    """4 epochs (32 steps) of SimCLR on the moving digits: kNN accuracy on the motion label of the
+    trained video ViT clearly beats the same network at random init (measured: 0.97 vs 0.60; 0.99
+    after 10 epochs). A single frame carries no motion, so the features encode time. (VideoMAE
+    needs far longer: 10 epochs left it below random init, 0.34 vs 0.56.)"""
+    cli = fit(
+        "simclr_moving_digits.yaml", tmp_path, "--trainer.max_epochs", "4", "--trainer.limit_train_batches", "1.0",
+        "--trainer.limit_val_batches", "1.0", "--trainer.check_val_every_n_epoch", "4", "--trainer.num_sanity_val_steps", "0",
+        base=TINY_RUN,
+    )  # fmt: skip
+    trained, random_init = knn_against_random_init(cli, "moving digits")
+    assert trained >= random_init + 0.2
