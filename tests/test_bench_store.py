@@ -1,0 +1,208 @@
+"""The benchmark results store (transactional, safe for concurrent writers) and the reports
+rendered from it (Markdown, PNG plots, a self-contained HTML page checked in headless Chromium)."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from ssl_kit.bench.report import summarize, write_report
+from ssl_kit.bench.store import Result, ResultStore
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+METHODS = (("simclr", "resnet18"), ("byol", "resnet18"), ("mae", "vit_tiny"))
+DATASETS = ("digits", "fsdd")
+PROTOCOLS = ("linear", "knn")
+# Per seed: mean + offset x spread, so the mean is the base (not the median) and the sample std
+# is sqrt((1 + 1 + 4) / 2) = sqrt(3) spreads (the population std would be sqrt(2)).
+OFFSETS = (-1, -1, 2)
+
+
+def git_head() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parents[1], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def result(suite: str = "s", cell: str = "c", **fields) -> Result:
+    defaults = dict(method="simclr", dataset="digits", backbone="resnet18", protocol="linear", metric="top1", value=0.5, seed=0, config={}, wall_time_s=1.0)
+    return Result(suite=suite, cell=cell, **{**defaults, **fields})
+
+
+def test_round_trip_fills_provenance(tmp_path):
+    store = ResultStore(tmp_path / "nested" / "results.sqlite")
+    config = {"model": {"class_path": "ssl_kit.methods.SimCLR", "init_args": {"lr": 0.1}}, "seed": 3}
+    given = result(value=0.93, seed=3, config=config, wall_time_s=12.5, throughput=410.0, epochs=2.0)
+    store.add([given, result(metric="top5", value=math.nan)])
+
+    first, second = store.rows()
+    provenance = ("versions", "git_commit", "hardware", "created_at")
+    assert {k: v for k, v in first.items() if k not in provenance} == {k: v for k, v in vars(given).items() if k not in provenance}
+    assert math.isnan(second["value"]) and second["throughput"] is None  # NaN (a diverged run) survives
+    assert {"python", "torch", "torchvision", "torchaudio", "lightning", "timm", "lightly", "torchmetrics", "ssl_kit"} <= set(first["versions"])
+    assert first["versions"]["ssl_kit"] == "0.1.0"
+    assert first["git_commit"].removesuffix("-dirty") == git_head()
+    assert re.fullmatch(r"\d+ x .+", first["hardware"])  # "2 x CPU (model), 24 GiB" or "1 x NVIDIA H100 ..."
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", first["created_at"])
+    assert first["created_at"] == second["created_at"]  # one cell, one timestamp
+    assert ResultStore(store.path).rows("s") == store.rows()  # reopening keeps the rows
+    assert store.rows("other") == []
+
+
+def test_failed_add_leaves_no_partial_rows(tmp_path):
+    store = ResultStore(tmp_path / "results.sqlite")
+    store.add([result(cell="done")])
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        # The second row's config fails to encode after the first row was inserted.
+        store.add([result(cell="broken"), result(cell="broken", config={"x": object()}), result(cell="broken")])
+    assert [row["cell"] for row in store.rows()] == ["done"]
+    assert store.finished_cells("s") == {"done"}
+
+
+def test_finished_cells(tmp_path):
+    store = ResultStore(tmp_path / "results.sqlite")
+    assert store.finished_cells("a") == set()
+    store.add([result("a", "cell-1"), result("a", "cell-1", metric="top5")])
+    store.add([result("a", "cell-2")])
+    store.add([result("b", "cell-3")])
+    assert store.finished_cells("a") == {"cell-1", "cell-2"}
+    assert store.finished_cells("b") == {"cell-3"}
+
+
+def write_cells(path: Path, suite: str, cells: int, start: multiprocessing.synchronize.Barrier) -> None:
+    """One suite's writer: opens the store and writes each cell's 3 rows in its own transaction.
+    The pause between cells (a real suite's is the cell's training) leaves the lock free for the
+    other writer, whose busy handler polls; without it one writer can hold the other off to its end."""
+    start.wait()
+    store = ResultStore(path)
+    for i in range(cells):
+        store.add([result(suite, f"cell-{i}", metric=metric, value=i / cells, hardware="test machine") for metric in ("top1", "top5", "loss")])
+        time.sleep(0.005)
+
+
+def test_concurrent_writers_lose_no_rows(tmp_path):
+    path, cells = tmp_path / "results.sqlite", 200
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(2)  # both create the store and write at the same moment
+    writers = [context.Process(target=write_cells, args=(path, suite, cells, start)) for suite in ("suite-a", "suite-b")]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=120)
+        assert writer.exitcode == 0
+
+    rows = ResultStore(path).rows()
+    assert len(rows) == 2 * cells * 3
+    assert len({(row["suite"], row["cell"], row["metric"]) for row in rows}) == 2 * cells * 3
+    for suite in ("suite-a", "suite-b"):
+        assert ResultStore(path).finished_cells(suite) == {f"cell-{i}" for i in range(cells)}
+    # The writes really overlapped: in insertion order the suites alternate, and never inside a cell.
+    suites = [row["suite"] for row in rows]
+    switches = [i for i in range(1, len(suites)) if suites[i] != suites[i - 1]]
+    assert len(switches) > 2, "the two writers ran one after the other; the test did not exercise concurrency"
+    assert all(i % 3 == 0 for i in switches)
+
+
+def percent(mean: float, std: float) -> str:
+    return f"{mean:.1f} ± {std:.1f}"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict[str, Path]:
+    """A store of 3 methods x 2 datasets x 2 protocols x 3 seeds with known values, and its report.
+    Accuracy = 0.60 + 0.10 method + 0.05 dataset + 0.02 protocol, spread 0.01 (method + 1)."""
+    root = tmp_path_factory.mktemp("report")
+    store = ResultStore(root / "results.sqlite")
+    for m, (method, backbone) in enumerate(METHODS):
+        for d, dataset in enumerate(DATASETS):
+            for p, protocol in enumerate(PROTOCOLS):
+                for seed, offset in enumerate(OFFSETS):
+                    value = 0.60 + 0.10 * m + 0.05 * d + 0.02 * p + offset * 0.01 * (m + 1)
+                    cell = f"{method}-{dataset}-{protocol}-{seed}"
+                    fields = dict(method=method, backbone=backbone, dataset=dataset, protocol=protocol, seed=seed, config={"seed": seed})
+                    store.add([result("suite", cell, value=value, wall_time_s=100.0 * (m + 1) + seed, epochs=10.0 * (m + 1), throughput=50.0 * (m + 1), **fields)])
+    return write_report(store.path, root / "report", suite="suite")
+
+
+def test_summarize_over_seeds():
+    rows = [vars(result(seed=s, value=v, wall_time_s=w, epochs=None)) for s, v, w in ((0, 0.5, 10.0), (1, 0.7, 20.0))]
+    (entry,) = summarize(rows)
+    assert (entry["n"], entry["seeds"], entry["wall_time_s"], entry["epochs"]) == (2, [0, 1], 15.0, None)
+    assert entry["mean"] == pytest.approx(0.6) and entry["std"] == pytest.approx(math.sqrt(0.02))
+    assert summarize(rows[:1])[0]["std"] == 0.0
+
+
+def test_markdown_leaderboard(report):
+    text = report["markdown"].read_text()
+    digits, fsdd = text.split("## digits")[1].split("## fsdd")
+    header = "| method (backbone) | linear top1 | knn top1 |"
+    # Ranked by the first protocol; spreads 0.01, 0.02, 0.03 give sample stds 1.7, 3.5, 5.2 %.
+    assert [line for line in digits.splitlines() if line.startswith("| ")] == [
+        header,
+        "| mae (vit_tiny) | 80.0 ± 5.2 | 82.0 ± 5.2 |",
+        "| byol (resnet18) | 70.0 ± 3.5 | 72.0 ± 3.5 |",
+        "| simclr (resnet18) | 60.0 ± 1.7 | 62.0 ± 1.7 |",
+    ]
+    assert "| simclr (resnet18) | 65.0 ± 1.7 | 67.0 ± 1.7 |" in fsdd and "| mae (vit_tiny) | 85.0 ± 5.2 | 87.0 ± 5.2 |" in fsdd
+    assert text.count("Mean ± std over 3 seeds") == 2
+    assert "final checkpoint" in text and "never on the test set" in text
+    assert git_head() in text and "- Suites: `suite`" in text and "torch 2." in text and "- Hardware: `" in text
+
+
+def test_plots_are_png(report):
+    for name in ("accuracy", "accuracy_vs_time"):
+        assert report[name].name == f"{name}.png"
+        with Image.open(report[name]) as image:
+            assert image.format == "PNG" and image.width > 300 and image.height > 200
+            image.verify()
+
+
+def test_html_is_self_contained(report):
+    page = report["html"].read_text()
+    assert '<table id="leaderboard">' in page and page.count("<tr>") == 1 + 3 * 2 * 2
+    assert page.count('src="data:image/png;base64,') == 2
+    assert "http://" not in page and "https://" not in page and "<link" not in page
+    assert percent(80.0, 5.2) in page and "Provenance" in page and "suite" in page
+
+
+def test_report_errors_name_the_store(tmp_path, report):
+    with pytest.raises(FileNotFoundError, match="missing.sqlite"):
+        write_report(tmp_path / "missing.sqlite", tmp_path / "out")
+    ResultStore(tmp_path / "empty.sqlite")
+    with pytest.raises(ValueError, match="empty.sqlite has no results"):
+        write_report(tmp_path / "empty.sqlite", tmp_path / "out")
+    with pytest.raises(ValueError, match="results.sqlite has no results for suite 'other'"):
+        write_report(report["html"].parents[1] / "results.sqlite", tmp_path / "out", suite="other")
+
+
+def browser() -> str | None:
+    return next(filter(None, map(shutil.which, BROWSERS)), None)
+
+
+def means(dom: str) -> list[float]:
+    """The leaderboard's mean column (data-v of the first numeric cell of each body row)."""
+    body = dom.split("<tbody>")[1].split("</tbody>")[0]
+    return [float(v) for v in re.findall(r'<tr>(?:<td>[^<]*</td>)*<td class="num" data-v="([^"]+)"', body)]
+
+
+def test_html_in_headless_chromium(report, tmp_path):
+    """The page loads in a real browser, shows the table, and its script sorts it (#sort=...)."""
+    found = browser()
+    if found is None:
+        pytest.skip(f"no headless browser ({', '.join(BROWSERS)}) on PATH; install one, e.g. `apt-get install chromium`")
+    url = report["html"].resolve().as_uri() + "#sort=mean:desc"
+    command = [found, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", url]
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
+
+    assert '<table id="leaderboard">' in dom and dom.count("<tr>") == 1 + 3 * 2 * 2
+    assert percent(87.0, 5.2) in dom and percent(60.0, 1.7) in dom
+    unsorted = means(report["html"].read_text())
+    assert len(unsorted) == 12 and unsorted != sorted(unsorted, reverse=True)
+    assert means(dom) == sorted(unsorted, reverse=True)  # the script ran and sorted by the hash
+    assert re.search(r'<th data-key="mean" data-numeric="true" aria-sort="descending">', dom)
