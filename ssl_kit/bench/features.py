@@ -1,0 +1,72 @@
+"""Frozen-feature extraction through a Lightning Trainer, so it runs on the devices, strategy and
+nodes of the pretraining (DDP included) and every rank ends with the same complete feature set."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from ssl_kit.bench.protocols import FeatureSet
+
+
+class Indexed(Dataset):
+    """``(index, sample)``: under a ``DistributedSampler`` each rank sees a padded shard, and the
+    indices let the gathered features be put back in dataset order without the padding."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, Any]:
+        return index, self.dataset[index]
+
+
+class FeatureExtractor(L.LightningModule):
+    """Runs a frozen backbone over a loader (``trainer.test``) and all-gathers the features."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.parts: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.result: FeatureSet | None = None
+
+    def on_test_epoch_start(self) -> None:
+        self.parts.clear()
+
+    def test_step(self, batch: tuple[Tensor, tuple[Tensor, Tensor]], batch_idx: int) -> None:
+        indices, (inputs, labels) = batch
+        self.parts.append((indices, self.backbone(inputs).float(), labels))
+
+    def on_test_epoch_end(self) -> None:
+        indices, features, labels = (torch.cat(part) for part in zip(*self.parts))
+        if self.trainer.world_size > 1:
+            indices, features, labels = (self.all_gather(t).flatten(0, 1) for t in (indices, features, labels))
+        order = indices.argsort(stable=True)
+        indices, features, labels = indices[order], features[order], labels[order]
+        first = torch.ones_like(indices, dtype=torch.bool)
+        first[1:] = indices[1:] != indices[:-1]  # the sampler's padding repeats a few samples
+        self.result = FeatureSet(features[first].cpu(), labels[first].cpu())
+        self.parts.clear()
+
+
+def extract_splits(backbone: nn.Module, datamodule, splits: list[str], trainer_kwargs: dict[str, Any]) -> dict[str, FeatureSet]:
+    """Features of the un-augmented ``splits`` ("train", "val", "test") of an ``SSLDataModule``,
+    complete and in dataset order on every rank."""
+    extractor = FeatureExtractor(backbone)
+    trainer = L.Trainer(
+        **trainer_kwargs, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    features = {}
+    for split in splits:
+        dataset = Indexed(datamodule.labeled_dataset(split))
+        loader = DataLoader(dataset, batch_size=datamodule.batch_size, shuffle=False, num_workers=datamodule.num_workers)
+        trainer.test(extractor, loader, verbose=False)
+        assert extractor.result is not None and len(extractor.result.labels) == len(dataset)
+        features[split] = extractor.result
+    return features

@@ -1,0 +1,195 @@
+"""The suite runner: every entry (a method's ``ssl_kit.fit`` config on one dataset) x seed is a
+cell; a cell pretrains (or loads a checkpoint), extracts frozen features once and runs the
+protocols on them, then writes its rows to the results store in one transaction.
+
+Rules that make the numbers trustworthy: the final checkpoint is evaluated (never the best on
+test); the data splits are fixed (the DataModule's own seed is not varied, only the run's
+``seed_everything``); hyper-parameters of the probes are chosen on the validation split; every
+cell records its resolved config. Resumable: finished cells (in the store) are skipped, and a
+cell interrupted during pretraining resumes from its ``last.ckpt``.
+
+Under DDP (``--trainer.strategy ddp`` in an entry's args, or torchrun / SLURM) every rank runs
+the same cells in the same order; pretraining and feature extraction use all ranks, and rank
+zero writes the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from ssl_kit.bench import protocols as P
+from ssl_kit.bench.features import extract_splits
+from ssl_kit.bench.store import Result, ResultStore
+from ssl_kit.cli import SSLCLI
+from ssl_kit.methods import MeanTeacher
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORE = "benchmarks/results/bench.sqlite"
+#: Trainer settings that feature extraction and fine-tuning share with the pretraining run.
+SHARED_TRAINER_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision")
+
+
+@dataclass
+class Entry:
+    """One row group of the leaderboard: ``method`` on ``dataset``, pretrained by ``python -m
+    ssl_kit.fit --config <config> <args...>`` (or loaded from ``checkpoint``, an ssl_kit
+    ``.ckpt`` of the same config). ``protocols`` narrows the suite's protocols for this entry."""
+
+    method: str
+    dataset: str
+    config: str
+    args: list[str] = field(default_factory=list)
+    checkpoint: str | None = None
+    protocols: list[str] | None = None
+
+
+def cell_key(suite: str, entry: Entry, seed: int, protocols: dict[str, dict[str, Any]]) -> str:
+    """Stable id of a cell: changes whenever anything that shapes its numbers changes."""
+    payload = json.dumps({"suite": suite, "entry": asdict(entry), "seed": seed, "protocols": protocols}, sort_keys=True)
+    return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+
+def jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+class Cell:
+    """One entry x seed: pretrain (or load), extract, evaluate; returns the store rows."""
+
+    def __init__(self, suite: str, entry: Entry, seed: int, protocols: dict[str, dict[str, Any]], root: Path) -> None:
+        self.suite, self.entry, self.seed, self.protocols = suite, entry, seed, protocols
+        self.key = cell_key(suite, entry, seed, protocols)
+        self.root = root / suite / self.key
+
+    def fit_args(self) -> list[str]:
+        return [
+            "--config", self.entry.config, *self.entry.args,
+            "--seed_everything", str(self.seed), "--trainer.default_root_dir", str(self.root),
+        ]  # fmt: skip
+
+    def pretrain(self) -> tuple[SSLCLI, float, float | None]:
+        """The trained (or loaded) run, its pretraining wall time and samples/s."""
+        if self.entry.checkpoint is not None:
+            cli = SSLCLI(args=self.fit_args(), run=False)
+            state = torch.load(self.entry.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+            cli.model.load_state_dict(state)
+            return cli, 0.0, None
+        args = self.fit_args()
+        last = self.root / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            log.warning("cell %s (%s on %s, seed %d): resuming from %s", self.key, self.entry.method, self.entry.dataset, self.seed, last)
+            args += ["--ckpt_path", str(last)]
+        start = time.perf_counter()
+        cli = SSLCLI(args=["fit", *args])
+        seconds = time.perf_counter() - start
+        if cli.trainer.interrupted:
+            raise RuntimeError(f"cell {self.key}: pretraining was interrupted; re-run the suite to resume from {last}")
+        samples = cli.trainer.global_step * cli.datamodule.batch_size * cli.trainer.world_size
+        return cli, seconds, samples / seconds if seconds > 0 else None
+
+    def run(self) -> list[Result]:
+        start = time.perf_counter()
+        cli, pretrain_seconds, throughput = self.pretrain()
+        config = cli.config["fit"] if "fit" in cli.config else cli.config  # the fit subcommand's, or run=False's
+        trainer_kwargs = {key: config["trainer"][key] for key in SHARED_TRAINER_KEYS if config["trainer"].get(key) is not None}
+        values, chosen = self.evaluate(cli, trainer_kwargs)
+        resolved = jsonable(config.as_dict())
+        model, wall_time = cli.model, time.perf_counter() - start
+        epochs = None if self.entry.checkpoint else float(cli.trainer.current_epoch)
+        return [
+            Result(
+                suite=self.suite, cell=self.key, method=self.entry.method, dataset=self.entry.dataset,
+                backbone=model.hparams.backbone, protocol=protocol, metric="top1", value=value, seed=self.seed,
+                config={"fit": resolved, "protocol": {**self.protocols.get(protocol, {}), **chosen.get(protocol, {})}},
+                wall_time_s=wall_time, throughput=throughput, epochs=epochs,
+            )  # fmt: skip
+            for protocol, value in values.items()
+        ]
+
+    def evaluate(self, cli: SSLCLI, trainer_kwargs: dict[str, Any]) -> tuple[dict[str, float], dict[str, dict]]:
+        """Top-1 accuracy per protocol, and the hyper-parameters each probe chose on validation."""
+        model, data = cli.model, cli.datamodule
+        wanted = self.entry.protocols or list(self.protocols)
+        unknown = sorted(set(wanted) - KNOWN_PROTOCOLS)
+        if unknown:
+            raise ValueError(f"unknown protocol(s) {unknown} in suite {self.suite}; known: {sorted(KNOWN_PROTOCOLS)}")
+        self_training = isinstance(model, MeanTeacher)
+        backbone = model.teacher_backbone if self_training else model.backbone
+        values: dict[str, float] = {}
+        chosen: dict[str, dict] = {}
+        if self_training and "few_label" in wanted:
+            # Self-training is itself the few-label protocol: the teacher's test accuracy, trained
+            # on the DataModule's class-balanced split (the split few_label probes use).
+            (metrics,) = cli.trainer.test(model, datamodule=data, verbose=False)
+            values["few_label"] = float(metrics["test/acc"])
+        frozen = [p for p in wanted if p in FROZEN_FEATURE_PROTOCOLS and not (self_training and p == "few_label")]
+        if frozen:
+            features = extract_splits(backbone, data, ["train", "val", "test"], trainer_kwargs)
+            for protocol in frozen:
+                value, choice = FROZEN_FEATURE_PROTOCOLS[protocol](features, data, self.seed, **self.protocols.get(protocol, {}))
+                values[protocol], chosen[protocol] = value, choice
+        if "fine_tune" in wanted:
+            values["fine_tune"] = P.fine_tune(
+                backbone, data, data.num_classes, seed=self.seed, trainer_kwargs=trainer_kwargs, **self.protocols.get("fine_tune", {})
+            )
+        return values, chosen
+
+
+def _linear(features, data, seed: int, **settings) -> tuple[float, dict]:
+    result = P.linear_probe(features["train"], features["val"], features["test"], data.num_classes, seed=seed, **settings)
+    return result.test_top1, result.chosen
+
+
+def _knn(features, data, seed: int, **settings) -> tuple[float, dict]:
+    return P.knn(features["train"], features["test"], data.num_classes, **settings), {}
+
+
+def _few_label(features, data, seed: int, **settings) -> tuple[float, dict]:
+    """The split is drawn with the DataModule's seed, not the run's: fixed across seeds, and the
+    very split a ``MeanTeacher`` run on the same data trains on."""
+    result = P.few_label(features["train"], features["val"], features["test"], data.num_classes, seed=data.seed, **settings)
+    return result.test_top1, result.chosen
+
+
+FROZEN_FEATURE_PROTOCOLS = {"linear": _linear, "knn": _knn, "few_label": _few_label}
+KNOWN_PROTOCOLS = {*FROZEN_FEATURE_PROTOCOLS, "fine_tune"}
+
+
+def run_suite(
+    name: str,
+    entries: list[Entry],
+    seeds: list[int] = [0, 1, 2],
+    protocols: dict[str, dict[str, Any]] = {"linear": {}, "knn": {}},
+    dataset_args: dict[str, list[str]] = {},
+    store: str = DEFAULT_STORE,
+    workdir: str = "runs/bench",
+) -> int:
+    """Runs every unfinished cell of the suite ``name`` (entries x seeds); returns how many ran.
+    ``dataset_args`` are ``ssl_kit.fit`` overrides shared by every entry of a dataset (its root,
+    subsets, budget), placed before the entry's own ``args``."""
+    results = ResultStore(store)
+    finished = results.finished_cells(name)
+    entries = [replace(entry, args=[*dataset_args.get(entry.dataset, []), *entry.args]) for entry in entries]
+    cells = [Cell(name, entry, seed, protocols, Path(workdir)) for entry in entries for seed in seeds]
+    todo = [cell for cell in cells if cell.key not in finished]
+    log.warning("suite %s: %d cells, %d finished, %d to run; store %s", name, len(cells), len(cells) - len(todo), len(todo), store)
+    for number, cell in enumerate(todo, 1):
+        log.warning("cell %d/%d %s: %s on %s, seed %d", number, len(todo), cell.key, cell.entry.method, cell.entry.dataset, cell.seed)
+        rows = cell.run()
+        _write(results, rows)
+    return len(todo)
+
+
+@rank_zero_only
+def _write(store: ResultStore, rows: list[Result]) -> None:
+    store.add(rows)

@@ -1,0 +1,156 @@
+"""The suite runner: cells pretrain through the real CLI and write one row per protocol; a re-run
+skips finished cells; a killed suite resumes (finished cells kept, the interrupted one from its
+last.ckpt); feature extraction under 2 gloo processes equals the single-process features."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import torch
+import yaml
+
+from conftest import REPO, TINY
+from ssl_kit.bench.runner import Cell
+from ssl_kit.bench.store import ResultStore
+
+# The digits at 8 px, 2 batches per epoch: each cell takes a few seconds.
+TINY_ARGS = [*TINY, "--trainer.max_epochs", "1", "--model.warmup_epochs", "0"]
+
+
+def suite_file(tmp_path, seeds, epochs: int = 1, protocols=None) -> tuple:
+    suite = {
+        "name": "tiny",
+        "seeds": seeds,
+        "store": str(tmp_path / "store.sqlite"),
+        "workdir": str(tmp_path / "runs"),
+        "protocols": protocols or {"linear": {"epochs": 20}, "knn": {"k": 5}, "few_label": {"labels_per_class": 5, "epochs": 20}},
+        "dataset_args": {"Digits": [*TINY_ARGS, "--trainer.max_epochs", str(epochs)]},
+        "entries": [
+            {"method": "SimCLR", "dataset": "Digits", "config": str(REPO / "configs" / "simclr_digits.yaml")},
+            {"method": "MeanTeacher", "dataset": "Digits", "config": str(REPO / "configs" / "mean_teacher_digits.yaml"),
+             "protocols": ["few_label"], "args": ["--data.batch_size", "8", "--data.unlabeled_ratio", "2"]},
+        ],
+    }  # fmt: skip
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    return path, suite
+
+
+def run_main(*args: str) -> None:
+    from ssl_kit.bench.__main__ import main
+
+    main(list(args))
+
+
+def test_suite_writes_one_row_per_protocol_and_skips_finished_cells(tmp_path, monkeypatch):
+    path, suite = suite_file(tmp_path, seeds=[0])
+    run_main("--config", str(path))
+    store = ResultStore(suite["store"])
+    rows = store.rows("tiny")
+    # SimCLR: linear, knn, few_label; MeanTeacher: few_label (its teacher's test accuracy)
+    assert sorted((r["method"], r["protocol"]) for r in rows) == [
+        ("MeanTeacher", "few_label"), ("SimCLR", "few_label"), ("SimCLR", "knn"), ("SimCLR", "linear")
+    ]  # fmt: skip
+    for row in rows:
+        assert 0.0 <= row["value"] <= 1.0 and row["metric"] == "top1" and row["wall_time_s"] > 0 and row["seed"] == 0
+        assert row["config"]["fit"]["seed_everything"] == 0 and row["config"]["fit"]["trainer"]["max_epochs"] == 1
+        assert row["backbone"] == "resnet18" and row["epochs"] == 1.0
+    linear = next(r for r in rows if r["protocol"] == "linear")
+    assert {"lr", "weight_decay", "epochs"} <= set(linear["config"]["protocol"])  # settings and the choice made on val
+    # Fixed splits: the few_label probe draws its labeled samples with the DataModule's seed, so they
+    # are the ones the MeanTeacher cell trained on (recorded by the run).
+    from ssl_kit.data import DigitsDataModule
+    from ssl_kit.data.datasets import labels_of
+    from ssl_kit.data.splits import few_label_split
+
+    (recorded,) = (tmp_path / "runs" / "tiny").rglob("few_label_split.json")
+    data = DigitsDataModule(image_size=8)
+    data.setup()
+    labeled, _ = few_label_split(labels_of(data.splits.train), 5, None, data.seed)
+    assert json.loads(recorded.read_text())["labeled_indices"] == labeled.tolist()
+
+    # a re-run does nothing; another seed runs only its cells
+    ran = []
+    original = Cell.run
+    monkeypatch.setattr(Cell, "run", lambda self: ran.append(self.seed) or original(self))
+    run_main("--config", str(path))
+    assert ran == [] and len(store.rows("tiny")) == 4
+    run_main("--config", str(path), "--seeds", "[0, 1]")
+    assert ran == [1, 1] and len(store.rows("tiny")) == 8
+
+
+def wait_for(condition, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise TimeoutError("condition not met in time")
+
+
+def test_killed_suite_resumes_without_redoing_finished_cells(tmp_path):
+    path, suite = suite_file(tmp_path, seeds=[0, 1], epochs=3, protocols={"knn": {"k": 5}})
+    suite["entries"] = suite["entries"][:1]  # SimCLR, 2 seeds: 2 cells of 3 epochs
+    path.write_text(yaml.safe_dump(suite))
+    store = ResultStore(suite["store"])
+    command = [sys.executable, "-m", "ssl_kit.bench", "--config", str(path)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: len(store.finished_cells("tiny")) == 1, 300)
+        finished = store.finished_cells("tiny")
+        # kill during the second cell, once it has saved an epoch
+        wait_for(lambda: any((tmp_path / "runs" / "tiny").glob("*/checkpoints/last.ckpt")) and len(
+            [p for p in (tmp_path / "runs" / "tiny").glob("*/checkpoints/last.ckpt") if p.parts[-3] not in finished]) == 1, 300)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    first_rows = store.rows("tiny")
+    assert len(first_rows) == 1
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 finished, 1 to run" in result.stderr and "resuming from" in result.stderr
+    rows = store.rows("tiny")
+    assert len(rows) == 2 and rows[0]["created_at"] == first_rows[0]["created_at"]  # the finished cell was not redone
+    second = next(r for r in rows if r["cell"] not in finished)
+    checkpoint = torch.load(tmp_path / "runs" / "tiny" / second["cell"] / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 6  # 3 epochs of 2 batches, not more
+
+
+DDP_EXTRACT = textwrap.dedent(
+    """
+    import os, sys, torch
+    from ssl_kit.bench.features import extract_splits
+    from ssl_kit.data import DigitsDataModule
+    from ssl_kit.models.backbones import create_backbone
+
+    torch.manual_seed(0)
+    backbone = create_backbone("resnet18", 8)
+    data = DigitsDataModule(image_size=8, batch_size=16, num_workers=0)
+    data.setup()
+    devices = int(sys.argv[2])
+    strategy = "ddp" if devices > 1 else "auto"
+    features = extract_splits(backbone, data, ["val", "test"], {"accelerator": "cpu", "devices": devices, "strategy": strategy})
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    torch.save(features, os.path.join(sys.argv[1], f"devices{devices}_rank{rank}.pt"))
+    """
+)
+
+
+def test_feature_extraction_on_two_gloo_processes_equals_one_process(tmp_path):
+    script = tmp_path / "extract.py"
+    script.write_text(DDP_EXTRACT)
+    for devices in (1, 2):
+        result = subprocess.run([sys.executable, str(script), str(tmp_path), str(devices)], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    single = torch.load(tmp_path / "devices1_rank0.pt", weights_only=False)
+    for rank in (0, 1):
+        ranked = torch.load(tmp_path / f"devices2_rank{rank}.pt", weights_only=False)
+        for split in ("val", "test"):
+            assert len(ranked[split].labels) == len(single[split].labels)  # 287 and 359: odd, so the sampler pads; the padding is dropped
+            assert torch.equal(ranked[split].labels, single[split].labels)
+            assert torch.allclose(ranked[split].features, single[split].features, atol=1e-5)
