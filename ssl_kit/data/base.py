@@ -43,6 +43,8 @@ class SSLDataModule(L.LightningDataModule):
     "unlabeled": (views, hidden labels)}`` with ``unlabeled_ratio`` times more unlabeled samples,
     the labeled loader cycled; the kNN bank is the labeled subset. The hidden labels of the
     unlabeled pool are only for monitoring (pseudo-label accuracy).
+
+    ``train_subset`` / ``test_subset``: fixed, stratified subsets of those splits (see ``subsets``).
     """
 
     num_classes: int
@@ -68,6 +70,8 @@ class SSLDataModule(L.LightningDataModule):
         labels_per_class: int | None = None,
         label_fraction: float | None = None,
         unlabeled_ratio: int = 7,
+        train_subset: int | None = None,
+        test_subset: int | None = None,
     ) -> None:
         super().__init__()
         self.root = root
@@ -85,6 +89,8 @@ class SSLDataModule(L.LightningDataModule):
         self.labels_per_class = labels_per_class
         self.label_fraction = label_fraction
         self.unlabeled_ratio = unlabeled_ratio
+        self.train_subset = train_subset
+        self.test_subset = test_subset
         self.splits: Splits | None = None
         self.labeled_indices: np.ndarray | None = None
         self.unlabeled_indices: np.ndarray | None = None
@@ -110,9 +116,27 @@ class SSLDataModule(L.LightningDataModule):
             raise ValueError(f"val_fraction={self.val_fraction} leaves no validation samples")
         return Transformed(train, indices=kept), Transformed(train, indices=held)
 
+    def subsets(self, splits: Splits) -> Splits:
+        """Class-stratified subsets of ``train_subset`` training and ``test_subset`` test samples
+        (seeded by ``seed``; the validation set is untouched), for quick runs and CPU benchmarks.
+        A separate pretraining set (e.g. STL-10's unlabeled images) is cut to ``train_subset`` too."""
+
+        def cut(dataset: Dataset | None, size: int | None) -> Dataset | None:
+            if dataset is None or size is None or size >= len(dataset):
+                return dataset
+            labels = labels_of(dataset)
+            if (labels < 0).any():
+                return Transformed(dataset, indices=subsample(len(dataset), size, self.seed))
+            _, chosen = stratified_split(labels, size / len(dataset), self.seed)
+            return Transformed(dataset, indices=chosen)
+
+        train = cut(splits.train, self.train_subset)
+        pretrain = train if splits.pretrain is splits.train else cut(splits.pretrain, self.train_subset)
+        return Splits(pretrain=pretrain, train=train, val=splits.val, test=cut(splits.test, self.test_subset))
+
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
-            self.splits = self.load_splits()
+            self.splits = self.subsets(self.load_splits())
         if not self.semi_supervised:
             return
         if self.labeled_indices is None:
@@ -188,12 +212,16 @@ class SSLDataModule(L.LightningDataModule):
         }
         return CombinedLoader(loaders, mode="max_size_cycle")
 
-    def labeled_dataloader(self, split: str) -> DataLoader:
-        """Un-augmented loader over ``train``, ``val`` or ``test``."""
+    def labeled_dataset(self, split: str) -> Dataset:
+        """``(input, label)`` of ``train``, ``val`` or ``test`` with the evaluation transform."""
         dataset = getattr(self._require_splits(), split)
         if dataset is None:
             raise ValueError(f"{type(self).__name__} has no {split} split")
-        return self._loader(Transformed(dataset, self.eval_transform), shuffle=False)
+        return Transformed(dataset, self.eval_transform)
+
+    def labeled_dataloader(self, split: str) -> DataLoader:
+        """Un-augmented loader over ``train``, ``val`` or ``test``."""
+        return self._loader(self.labeled_dataset(split), shuffle=False)
 
     def unlabeled_pool_dataloader(self) -> DataLoader:
         """Un-augmented loader over the unlabeled pool, in pool order (for a teacher to label it)."""
