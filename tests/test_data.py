@@ -559,3 +559,19 @@ def test_imagefolder_bad_file(tmp_path, caplog, damage):
     assert len(views) == 2 and all(v.shape == (8, 3, 16, 16) for v in views)
     assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 2, 2, 2]
     assert any(str(bad) in r.getMessage() for r in caplog.records)
+
+
+def test_train_and_eval_subsets_are_fixed_and_stratified():
+    from ssl_kit.data.datasets import labels_of
+
+    def sizes_and_labels(**kwargs):
+        data = DigitsDataModule(image_size=8, train_subset=300, eval_subset=100, **kwargs)
+        data.setup()
+        splits = data.splits
+        return [len(s) for s in (splits.pretrain, splits.train, splits.val, splits.test)], [labels_of(s) for s in (splits.train, splits.test)]
+
+    sizes, (train, test) = sizes_and_labels()
+    assert sizes[0] == sizes[1] and abs(sizes[1] - 300) <= 10 and abs(sizes[2] - 100) <= 10 and abs(sizes[3] - 100) <= 10
+    assert np.bincount(train).min() >= 25 and np.bincount(test).min() >= 8  # every class, in proportion
+    again_sizes, (again_train, again_test) = sizes_and_labels()
+    assert again_sizes == sizes and np.array_equal(again_train, train) and np.array_equal(again_test, test)

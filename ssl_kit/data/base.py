@@ -44,7 +44,7 @@ class SSLDataModule(L.LightningDataModule):
     the labeled loader cycled; the kNN bank is the labeled subset. The hidden labels of the
     unlabeled pool are only for monitoring (pseudo-label accuracy).
 
-    ``train_subset`` / ``test_subset``: fixed, stratified subsets of those splits (see ``subsets``).
+    ``train_subset`` / ``eval_subset``: fixed, stratified subsets of the splits (see ``subsets``).
     """
 
     num_classes: int
@@ -71,7 +71,7 @@ class SSLDataModule(L.LightningDataModule):
         label_fraction: float | None = None,
         unlabeled_ratio: int = 7,
         train_subset: int | None = None,
-        test_subset: int | None = None,
+        eval_subset: int | None = None,
     ) -> None:
         super().__init__()
         self.root = root
@@ -90,7 +90,7 @@ class SSLDataModule(L.LightningDataModule):
         self.label_fraction = label_fraction
         self.unlabeled_ratio = unlabeled_ratio
         self.train_subset = train_subset
-        self.test_subset = test_subset
+        self.eval_subset = eval_subset
         self.splits: Splits | None = None
         self.labeled_indices: np.ndarray | None = None
         self.unlabeled_indices: np.ndarray | None = None
@@ -117,9 +117,10 @@ class SSLDataModule(L.LightningDataModule):
         return Transformed(train, indices=kept), Transformed(train, indices=held)
 
     def subsets(self, splits: Splits) -> Splits:
-        """Class-stratified subsets of ``train_subset`` training and ``test_subset`` test samples
-        (seeded by ``seed``; the validation set is untouched), for quick runs and CPU benchmarks.
-        A separate pretraining set (e.g. STL-10's unlabeled images) is cut to ``train_subset`` too."""
+        """Class-stratified subsets of ``train_subset`` training samples and of ``eval_subset``
+        validation and test samples each (seeded by ``seed``, so fixed across runs), for quick runs
+        and CPU benchmarks. A separate pretraining set (e.g. STL-10's unlabeled images) is cut to
+        ``train_subset`` too."""
 
         def cut(dataset: Dataset | None, size: int | None) -> Dataset | None:
             if dataset is None or size is None or size >= len(dataset):
@@ -132,7 +133,7 @@ class SSLDataModule(L.LightningDataModule):
 
         train = cut(splits.train, self.train_subset)
         pretrain = train if splits.pretrain is splits.train else cut(splits.pretrain, self.train_subset)
-        return Splits(pretrain=pretrain, train=train, val=splits.val, test=cut(splits.test, self.test_subset))
+        return Splits(pretrain=pretrain, train=train, val=cut(splits.val, self.eval_subset), test=cut(splits.test, self.eval_subset))
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
