@@ -28,12 +28,17 @@ def knn_predict(
 
 @torch.no_grad()
 def extract_features(backbone: torch.nn.Module, loader) -> tuple[Tensor, Tensor]:
-    """Features and labels of every batch of ``loader``, with the backbone in eval mode."""
+    """Features and labels of every batch of ``loader``, with the backbone in eval mode on its device.
+
+    Batches whose every file was unreadable (``None`` under ``skip_bad_files``) are skipped."""
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
     features, labels = [], []
-    for images, targets in loader:
+    for batch in loader:
+        if batch is None:
+            continue
+        images, targets = batch
         features.append(backbone(images.to(device)).cpu())
         labels.append(targets)
     backbone.train(was_training)
