@@ -52,3 +52,13 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, final_fraction
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def warmup_cosine_config(optimizer: torch.optim.Optimizer, trainer, warmup_epochs: float, final_fraction: float = 0.0) -> dict:
+    """Lightning's optimizer config with a per-step warmup + cosine schedule over the trainer's
+    total optimizer steps (``warmup_epochs`` converted to steps)."""
+    total = int(trainer.estimated_stepping_batches)
+    epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
+    warmup = min(total, int(round(warmup_epochs * total / epochs)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total, final_fraction))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -49,7 +49,8 @@ def run_main(*args: str) -> None:
 
 def test_suite_writes_one_row_per_protocol_and_skips_finished_cells(tmp_path, monkeypatch):
     path, suite = suite_file(tmp_path, seeds=[0])
-    run_main("--config", str(path))
+    run_main("--config", str(path), "--report", str(tmp_path / "report"))
+    assert "SimCLR" in (tmp_path / "report" / "leaderboard.md").read_text()
     store = ResultStore(suite["store"])
     rows = store.rows("tiny")
     # SimCLR: linear, knn, few_label; MeanTeacher: few_label (its teacher's test accuracy)

@@ -23,7 +23,7 @@ from ssl_kit.data.base import SSLDataModule
 from ssl_kit.data.datasets import Transformed
 from ssl_kit.data.splits import few_label_split
 from ssl_kit.evaluation import extract_features, knn_predict
-from ssl_kit.optim import OptimizerName, build_optimizer, decay_groups, warmup_cosine
+from ssl_kit.optim import OptimizerName, build_optimizer, decay_groups, warmup_cosine, warmup_cosine_config
 from ssl_kit.transforms import ViewAugmentation
 
 #: Probe sweep defaults: on standardised features (``batchnorm``) these span under- to over-stepping.
@@ -274,11 +274,7 @@ class FineTuner(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         groups = fine_tune_param_groups(self.backbone, self.head, hp.lr, hp.weight_decay, hp.layer_decay)
-        optimizer = build_optimizer(hp.optimizer, groups, hp.lr)
-        total = int(self.trainer.estimated_stepping_batches)
-        warmup = min(total, round(hp.warmup_epochs * total / self.trainer.max_epochs))
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return warmup_cosine_config(build_optimizer(hp.optimizer, groups, hp.lr), self.trainer, hp.warmup_epochs)
 
 
 class FirstView:

@@ -28,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from ssl_kit.bench import protocols as P
 from ssl_kit.bench.features import extract_splits
+from ssl_kit.bench.report import write_report
 from ssl_kit.bench.store import Result, ResultStore
 from ssl_kit.cli import SSLCLI
 from ssl_kit.methods import MeanTeacher
@@ -173,10 +174,12 @@ def run_suite(
     dataset_args: dict[str, list[str]] = {},
     store: str = DEFAULT_STORE,
     workdir: str = "runs/bench",
+    report: str | None = None,
 ) -> int:
     """Runs every unfinished cell of the suite ``name`` (entries x seeds); returns how many ran.
     ``dataset_args`` are ``ssl_kit.fit`` overrides shared by every entry of a dataset (its root,
-    subsets, budget), placed before the entry's own ``args``."""
+    subsets, budget), placed before the entry's own ``args``. ``report``: a folder where the
+    suite's leaderboard (Markdown, HTML, PNG) is rendered from the store at the end."""
     results = ResultStore(store)
     finished = results.finished_cells(name)
     entries = [replace(entry, args=[*dataset_args.get(entry.dataset, []), *entry.args]) for entry in entries]
@@ -187,7 +190,15 @@ def run_suite(
         log.warning("cell %d/%d %s: %s on %s, seed %d", number, len(todo), cell.key, cell.entry.method, cell.entry.dataset, cell.seed)
         rows = cell.run()
         _write(results, rows)
+    if report is not None:
+        _render(store, report, name)
     return len(todo)
+
+
+@rank_zero_only
+def _render(store: str, out: str, suite: str) -> None:
+    for kind, path in write_report(store, out, suite).items():
+        log.warning("%s: %s", kind, path)
 
 
 @rank_zero_only

@@ -12,7 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ssl_kit.evaluation import knn_predict
 from ssl_kit.models.backbones import backbone_spec, build_from_spec
-from ssl_kit.optim import OptimizerName, build_optimizer, decay_groups, warmup_cosine
+from ssl_kit.optim import OptimizerName, build_optimizer, decay_groups, warmup_cosine_config
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -80,13 +80,7 @@ class BackboneModule(L.LightningModule):
         hp = self.hparams
         groups = decay_groups(self.trained_modules(), hp.weight_decay) + self.extra_param_groups()
         optimizer = build_optimizer(hp.optimizer, groups, hp.lr, hp.momentum, hp.betas, hp.nesterov)
-        total = int(self.trainer.estimated_stepping_batches)
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        warmup = min(total, int(round(hp.warmup_epochs * total / epochs)))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, total, hp.min_lr_fraction)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return warmup_cosine_config(optimizer, self.trainer, hp.warmup_epochs, hp.min_lr_fraction)
 
 
 class SSLMethod(BackboneModule):
