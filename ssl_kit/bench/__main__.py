@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["report"]:
         report(argv[1:])
     else:
-        CLI(run_suite, args=argv)
+        CLI(run_suite, args=argv, as_positional=False)
 
 
 if __name__ == "__main__":

@@ -176,10 +176,20 @@ def run_suite(
     workdir: str = "runs/bench",
     report: str | None = None,
 ) -> int:
-    """Runs every unfinished cell of the suite ``name`` (entries x seeds); returns how many ran.
-    ``dataset_args`` are ``ssl_kit.fit`` overrides shared by every entry of a dataset (its root,
-    subsets, budget), placed before the entry's own ``args``. ``report``: a folder where the
-    suite's leaderboard (Markdown, HTML, PNG) is rendered from the store at the end."""
+    """Runs every unfinished cell of the suite (entries x seeds); returns how many ran.
+
+    Args:
+        name: the suite's name in the store (finished cells are looked up under it).
+        entries: method x dataset runs (``Entry``: method, dataset, config, args, checkpoint, protocols).
+        seeds: a cell per seed (``seed_everything``); the data splits stay fixed.
+        protocols: protocol name -> settings: ``linear``, ``knn``, ``few_label`` on frozen
+            features, ``fine_tune`` with training (see ``ssl_kit.bench.protocols``).
+        dataset_args: ``ssl_kit.fit`` overrides shared by every entry of a dataset (its root,
+            subsets, budget), placed before the entry's own ``args``.
+        store: the SQLite results store.
+        workdir: where each cell's pretraining run (checkpoints, logs) goes.
+        report: a folder where the suite's leaderboard (Markdown, HTML, PNG) is rendered at the end.
+    """
     results = ResultStore(store)
     finished = results.finished_cells(name)
     entries = [replace(entry, args=[*dataset_args.get(entry.dataset, []), *entry.args]) for entry in entries]
