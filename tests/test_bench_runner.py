@@ -75,6 +75,14 @@ def test_suite_writes_one_row_per_protocol_and_skips_finished_cells(tmp_path, mo
     labeled, _ = few_label_split(labels_of(data.splits.train), 5, None, data.seed)
     assert json.loads(recorded.read_text())["labeled_indices"] == labeled.tolist()
 
+    # an entry with a checkpoint is evaluated without pretraining: the same backbone, the same numbers
+    simclr = next(r for r in rows if r["method"] == "SimCLR" and r["protocol"] == "knn")
+    checkpoint = tmp_path / "runs" / "tiny" / simclr["cell"] / "checkpoints" / "last.ckpt"
+    entry = {**suite["entries"][0], "checkpoint": str(checkpoint)}
+    run_main("--config", str(path), "--name", "loaded", "--entries", json.dumps([entry]), "--protocols", '{"knn": {"k": 5}}')
+    (loaded,) = store.rows("loaded")
+    assert loaded["value"] == simclr["value"] and loaded["epochs"] is None and loaded["throughput"] is None
+
     # a re-run does nothing; another seed runs only its cells
     ran = []
     original = Cell.run
