@@ -78,13 +78,13 @@ class Cell:
             "--seed_everything", str(self.seed), "--trainer.default_root_dir", str(self.root),
         ]  # fmt: skip
 
-    def pretrain(self) -> tuple[SSLCLI, float, float | None]:
-        """The trained (or loaded) run, its pretraining wall time and samples/s."""
+    def pretrain(self) -> tuple[SSLCLI, float | None]:
+        """The trained (or loaded) run and its pretraining samples/s."""
         if self.entry.checkpoint is not None:
             cli = SSLCLI(args=self.fit_args(), run=False)
             state = torch.load(self.entry.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
             cli.model.load_state_dict(state)
-            return cli, 0.0, None
+            return cli, None
         args = self.fit_args()
         last = self.root / "checkpoints" / "last.ckpt"
         if last.is_file():
@@ -96,11 +96,11 @@ class Cell:
         if cli.trainer.interrupted:
             raise RuntimeError(f"cell {self.key}: pretraining was interrupted; re-run the suite to resume from {last}")
         samples = cli.trainer.global_step * cli.datamodule.batch_size * cli.trainer.world_size
-        return cli, seconds, samples / seconds if seconds > 0 else None
+        return cli, samples / seconds if seconds > 0 else None
 
     def run(self) -> list[Result]:
         start = time.perf_counter()
-        cli, pretrain_seconds, throughput = self.pretrain()
+        cli, throughput = self.pretrain()
         config = cli.config["fit"] if "fit" in cli.config else cli.config  # the fit subcommand's, or run=False's
         trainer_kwargs = {key: config["trainer"][key] for key in SHARED_TRAINER_KEYS if config["trainer"].get(key) is not None}
         values, chosen = self.evaluate(cli, trainer_kwargs)
