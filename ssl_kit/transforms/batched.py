@@ -1,0 +1,285 @@
+"""Batched, on-device image views: ``ImageViews``' augmentations with per-sample random parameters,
+computed once per batch on the training device, so loader workers only decode.
+
+Stages: ``__call__`` (loader workers) returns ``[uint8 (3, S, S)]``, ONE decoded image however
+many views are made, so a batch crosses to the device once and in uint8; ``on_device`` turns that
+``[uint8 (B, 3, S, S)]`` into the ``num_views + local_views`` normalised float views.
+
+Differences from the per-sample pipeline, all by design:
+
+* crops are taken from the decoded square of side ``S = decode_size`` (default ``image_size``):
+  the shorter side resized to ``S`` (bicubic, as ``ImageViews``), then centre-cropped, so crop
+  aspect ratios keep their meaning but a non-square image loses its long-side borders;
+* resampling is bilinear without antialiasing (``ImageViews``: bicubic in PIL), and everything is
+  computed in float on [0, 1] without the uint8 rounding between PIL steps.
+
+Everything else follows torchvision exactly: ``RandomResizedCrop.get_params`` (10 tries, then the
+central crop), ``ColorJitter`` with its four ops in a random order drawn per sample, grayscale,
+Gaussian blur with a per-sample sigma, solarisation. ``sample_params`` and ``apply`` expose the two
+halves so tests can check the parameter statistics and compare with torchvision's functional API.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torchvision import transforms as T
+
+from ssl_kit.transforms.image import ImageViews
+
+#: The factor of each jitter op (brightness, contrast, saturation, hue) that leaves an image unchanged.
+JITTER_IDENTITY = (1.0, 1.0, 1.0, 0.0)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """One view's settings, read off the ``ImageViews`` pipeline it replaces, so the two classes
+    cannot drift apart. Ranges are torchvision's (``jitter``: a range per op, None where off);
+    ``solarize_threshold`` is on [0, 1]."""
+
+    size: int
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    flip_prob: float
+    jitter_prob: float
+    jitter: tuple[tuple[float, float] | None, ...]
+    grayscale_prob: float
+    blur_prob: float = 0.0
+    blur_kernel: int = 1
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_prob: float = 0.0
+    solarize_threshold: float = 0.5
+
+    @classmethod
+    def of(cls, pipeline: T.Compose) -> ViewSpec:
+        fields: dict = {}
+        for step in pipeline.transforms:
+            inner = step.transforms[0] if isinstance(step, T.RandomApply) else None
+            if isinstance(step, T.RandomResizedCrop):
+                fields.update(size=step.size[0], scale=tuple(step.scale), ratio=tuple(step.ratio))
+            elif isinstance(step, T.RandomHorizontalFlip):
+                fields.update(flip_prob=step.p)
+            elif isinstance(inner, T.ColorJitter):
+                ranges = (inner.brightness, inner.contrast, inner.saturation, inner.hue)
+                fields.update(jitter_prob=step.p, jitter=tuple(None if r is None else tuple(r) for r in ranges))
+            elif isinstance(step, T.RandomGrayscale):
+                fields.update(grayscale_prob=step.p)
+            elif isinstance(inner, T.GaussianBlur):
+                fields.update(blur_prob=step.p, blur_kernel=inner.kernel_size[0], blur_sigma=tuple(inner.sigma))
+            elif isinstance(step, T.RandomSolarize):
+                fields.update(solarize_prob=step.p, solarize_threshold=step.threshold / 255)
+            elif not isinstance(step, (T.ToTensor, T.Normalize)):
+                raise TypeError(f"BatchedImageViews has no batched version of {step}")
+        return cls(**fields)
+
+
+@dataclass
+class ViewParams:
+    """Per-sample random parameters of one view, batch first."""
+
+    box: Tensor  # (B, 4) int64: top, left, height, width of the crop in the decoded image
+    flip: Tensor  # (B,) bool
+    jitter: Tensor  # (B,) bool: colour jitter applied
+    factors: Tensor  # (B, 4): brightness, contrast, saturation factors and hue shift (identity where off)
+    order: Tensor  # (B, 4) int64: the op applied at each jitter step, a permutation (torchvision's randperm(4))
+    grayscale: Tensor  # (B,) bool
+    blur: Tensor  # (B,) bool
+    sigma: Tensor  # (B,)
+    solarize: Tensor  # (B,) bool
+
+
+class BatchedImageViews(ImageViews):
+    """``ImageViews`` computed per batch on the training device (see the module doc); a config
+    switches with ``class_path: BatchedImageViews``. ``decode_size`` (default ``image_size``) is the
+    side of the decoded image crops are taken from: larger keeps more detail in small crops at the
+    cost of transfer and memory."""
+
+    def __init__(self, *args, decode_size: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.decode_size = decode_size
+
+    def build(self) -> None:
+        super().build()
+        self.specs = [ViewSpec.of(pipeline) for pipeline in self.pipelines]
+        self.side = self.decode_size or self.image_size
+        self.decode = T.Compose(
+            [T.Resize(self.side, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(self.side), T.PILToTensor()]
+        )
+
+    def __call__(self, sample: Image.Image) -> list[Tensor]:
+        return [self.decode(sample)]
+
+    def on_device(self, views: list[Tensor]) -> list[Tensor]:
+        (decoded,) = views
+        images = decoded.float().div_(255)
+        return [
+            self.apply(images, view, self.sample_params(view, len(images), device=images.device))
+            for view in range(len(self.specs))
+        ]
+
+    def sample_params(
+        self, view: int, batch_size: int, generator: torch.Generator | None = None, device: torch.device | None = None
+    ) -> ViewParams:
+        """Independent draws per sample with torchvision's distributions for view ``view``."""
+        spec = self.specs[view]
+
+        def uniform(low: float, high: float, *shape: int) -> Tensor:
+            return low + (high - low) * torch.rand(batch_size, *shape, generator=generator, device=device)
+
+        def chance(p: float) -> Tensor:
+            return uniform(0, 1) < p
+
+        ranges = [r or (identity, identity) for r, identity in zip(spec.jitter, JITTER_IDENTITY)]
+        jitter = chance(spec.jitter_prob)
+        factors = torch.stack([uniform(*r) for r in ranges], 1)
+        factors = torch.where(jitter[:, None], factors, torch.tensor(JITTER_IDENTITY, device=device))
+        return ViewParams(
+            box=self._sample_boxes(spec, uniform),
+            flip=chance(spec.flip_prob),
+            jitter=jitter,
+            factors=factors,
+            order=uniform(0, 1, 4).argsort(1),
+            grayscale=chance(spec.grayscale_prob),
+            blur=chance(spec.blur_prob),
+            sigma=uniform(*spec.blur_sigma),
+            solarize=chance(spec.solarize_prob),
+        )
+
+    def _sample_boxes(self, spec: ViewSpec, uniform: Callable[..., Tensor]) -> Tensor:
+        """``RandomResizedCrop.get_params`` for every sample at once: the first of 10 tries that
+        fits, else the central fallback, which on the square decoded image (the ratio range holding
+        1) is the whole image."""
+        side = self.side
+        area = side * side * uniform(*spec.scale, 10)
+        aspect = torch.exp(uniform(math.log(spec.ratio[0]), math.log(spec.ratio[1]), 10))
+        width, height = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
+        fits = (width > 0) & (width <= side) & (height > 0) & (height <= side)
+        first = fits.byte().argmax(1, keepdim=True)
+        found = fits.any(1)
+        width = torch.where(found, width.gather(1, first).squeeze(1), side)
+        height = torch.where(found, height.gather(1, first).squeeze(1), side)
+        top = (uniform(0, 1) * (side - height + 1)).floor().minimum(side - height)
+        left = (uniform(0, 1) * (side - width + 1)).floor().minimum(side - width)
+        return torch.stack([top, left, height, width], 1).long()
+
+    def apply(self, images: Tensor, view: int, params: ViewParams) -> Tensor:
+        """View ``view`` of float images on [0, 1] ``(B, 3, S, S)`` with the given parameters, normalised."""
+        spec = self.specs[view]
+        out = resized_crop(images, params.box, params.flip, spec.size)
+        out = color_jitter(out, params.factors, params.order, params.jitter, [r is not None for r in spec.jitter])
+        out = grayscale(out, params.grayscale)
+        if spec.blur_prob > 0:
+            out = gaussian_blur(out, params.sigma, params.blur, spec.blur_kernel)
+        if spec.solarize_prob > 0:
+            out = solarize(out, params.solarize, spec.solarize_threshold)
+        mean = torch.tensor(self.mean, device=out.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=out.device).view(1, -1, 1, 1)
+        return (out - mean) / std
+
+
+def resized_crop(images: Tensor, box: Tensor, flip: Tensor, size: int) -> Tensor:
+    """Per-sample ``resized_crop`` (bilinear, no antialias) then ``hflip`` where ``flip``, in one
+    ``grid_sample``. Sampling positions are clamped to the box, as ``interpolate`` clamps them to the
+    edge of the cropped image, so the result matches torchvision's crop-then-resize."""
+    steps = (torch.arange(size, device=images.device, dtype=images.dtype) + 0.5) / size
+    top, left, height, width = box.to(images.dtype).unbind(1)
+
+    def positions(start: Tensor, length: Tensor) -> Tensor:
+        start, length = start[:, None], length[:, None]
+        return (start + steps * length - 0.5).clamp(start, start + length - 1)
+
+    ys, xs = positions(top, height), positions(left, width)
+    xs = torch.where(flip[:, None], xs.flip(1), xs)
+    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), -1)
+    extent = torch.tensor([images.shape[-1], images.shape[-2]], device=images.device, dtype=images.dtype)
+    grid = (2 * grid + 1) / extent - 1  # pixel centres to align_corners=False coordinates
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _per_sample(factor: Tensor) -> Tensor:
+    return factor.view(-1, 1, 1, 1)
+
+
+def _gray(images: Tensor) -> Tensor:
+    """torchvision's luma weights, ``(B, 1, H, W)``."""
+    r, g, b = images.unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def _blend(images: Tensor, other: Tensor | float, factor: Tensor) -> Tensor:
+    factor = _per_sample(factor)
+    return (factor * images + (1 - factor) * other).clamp(0, 1)
+
+
+def adjust_brightness(images: Tensor, factor: Tensor) -> Tensor:
+    return _blend(images, 0.0, factor)
+
+
+def adjust_contrast(images: Tensor, factor: Tensor) -> Tensor:
+    return _blend(images, _gray(images).mean((1, 2, 3), keepdim=True), factor)
+
+
+def adjust_saturation(images: Tensor, factor: Tensor) -> Tensor:
+    return _blend(images, _gray(images), factor)
+
+
+def adjust_hue(images: Tensor, shift: Tensor) -> Tensor:
+    """Rotates the HSV hue by ``shift`` turns per sample (torchvision's ``adjust_hue``), with the
+    closed-form HSV to RGB conversion ``V - V S clamp(min(k, 4 - k), 0, 1)``."""
+    value, channel = images.max(1)
+    chroma = value - images.amin(1)
+    r, g, b = images.unbind(1)
+    nonzero = torch.where(chroma > 0, chroma, 1.0)
+    hue = torch.where(channel == 1, (b - r) / nonzero + 2, (r - g) / nonzero + 4)
+    hue = torch.where(channel == 0, (g - b) / nonzero, hue) + 6 * shift.view(-1, 1, 1)  # in sixths of a turn
+    saturation = chroma / torch.where(value > 0, value, 1.0)
+    k = (torch.tensor([5.0, 3.0, 1.0], device=images.device).view(1, 3, 1, 1) + hue.unsqueeze(1)).remainder(6)
+    return value.unsqueeze(1) * (1 - saturation.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+ADJUST = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def color_jitter(images: Tensor, factors: Tensor, order: Tensor, applied: Tensor, enabled: list[bool]) -> Tensor:
+    """torchvision's ``ColorJitter`` on the samples where ``applied``, each with its own op order:
+    at every step the samples are grouped by the op they apply, so each op runs once per sample.
+    The group sizes cost one host sync per call."""
+    step_ops = torch.where(applied[:, None], order, len(ADJUST))  # (B, 4); len(ADJUST): nothing
+    keys = step_ops + (len(ADJUST) + 1) * torch.arange(len(ADJUST), device=order.device)
+    sizes = torch.bincount(keys.flatten(), minlength=len(ADJUST) * (len(ADJUST) + 1)).view(len(ADJUST), -1).tolist()
+    out = images.clone()
+    for step, step_sizes in enumerate(sizes):
+        groups = step_ops[:, step].argsort(stable=True).split(step_sizes)
+        for op, rows in enumerate(groups[: len(ADJUST)]):
+            if enabled[op] and len(rows):
+                out[rows] = ADJUST[op](out[rows], factors[rows, op])
+    return out
+
+
+def grayscale(images: Tensor, mask: Tensor) -> Tensor:
+    return torch.where(_per_sample(mask), _gray(images).expand_as(images), images)
+
+
+def gaussian_blur(images: Tensor, sigma: Tensor, mask: Tensor, kernel_size: int) -> Tensor:
+    """torchvision's ``gaussian_blur`` (reflect padding) with a per-sample sigma where ``mask`` and the
+    identity elsewhere: separable depthwise convolutions with one kernel per sample and channel."""
+    batch, channels, height, width = images.shape
+    offsets = torch.arange(kernel_size, device=images.device, dtype=images.dtype) - kernel_size // 2
+    kernel = torch.exp(-0.5 * (offsets / sigma[:, None]) ** 2)
+    kernel = torch.where(mask[:, None], kernel / kernel.sum(1, keepdim=True), (offsets == 0).to(images.dtype))
+    kernel = kernel.repeat_interleave(channels, 0)  # (B * C, k)
+    pad = kernel_size // 2
+    out = F.pad(images, (pad, pad, pad, pad), mode="reflect").reshape(1, batch * channels, height + 2 * pad, width + 2 * pad)
+    out = F.conv2d(out, kernel.view(-1, 1, 1, kernel_size), groups=batch * channels)
+    out = F.conv2d(out, kernel.view(-1, 1, kernel_size, 1), groups=batch * channels)
+    return out.view(batch, channels, height, width)
+
+
+def solarize(images: Tensor, mask: Tensor, threshold: float) -> Tensor:
+    return torch.where(_per_sample(mask) & (images >= threshold), 1 - images, images)
