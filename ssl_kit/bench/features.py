@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ssl_kit.bench.protocols import FeatureSet
 
@@ -23,8 +23,9 @@ class Indexed(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[int, Any]:
-        return index, self.dataset[index]
+    def __getitem__(self, index: int) -> tuple[int, Any] | None:
+        item = self.dataset[index]
+        return None if item is None else (index, item)  # None: a skipped bad file (skip_bad_files)
 
 
 class FeatureExtractor(L.LightningModule):
@@ -39,7 +40,9 @@ class FeatureExtractor(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.parts.clear()
 
-    def test_step(self, batch: tuple[Tensor, tuple[Tensor, Tensor]], batch_idx: int) -> None:
+    def test_step(self, batch: tuple[Tensor, tuple[Tensor, Tensor]] | None, batch_idx: int) -> None:
+        if batch is None:  # every file of the batch was unreadable and skipped
+            return
         indices, (inputs, labels) = batch
         self.parts.append((indices, self.backbone(inputs).float(), labels))
 
@@ -65,8 +68,7 @@ def extract_splits(backbone: nn.Module, datamodule, splits: list[str], trainer_k
     features = {}
     for split in splits:
         dataset = Indexed(datamodule.labeled_dataset(split))
-        loader = DataLoader(dataset, batch_size=datamodule.batch_size, shuffle=False, num_workers=datamodule.num_workers)
-        trainer.test(extractor, loader, verbose=False)
-        assert extractor.result is not None and len(extractor.result.labels) == len(dataset)
+        trainer.test(extractor, datamodule._loader(dataset, shuffle=False), verbose=False)  # its workers, pinning, bad-file collation
+        assert extractor.result is not None
         features[split] = extractor.result
     return features

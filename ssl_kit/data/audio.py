@@ -19,7 +19,7 @@ from ssl_kit.data.datasets import LabeledFiles, TensorSamples, Transformed, Unre
 from ssl_kit.data.download import download_and_extract, obtain
 from ssl_kit.data.splits import stratified_split
 from ssl_kit.transforms.audio import AudioEval, AudioViews, LogMel
-from ssl_kit.transforms.base import PairedViews, ViewAugmentation
+from ssl_kit.transforms.base import ViewAugmentation
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".au")
 TEST_SPLIT_SEED = 1234
@@ -83,7 +83,7 @@ class AudioDataModule(SSLDataModule):
         super().__init__(root, *args, image_size=image_size, views=views if views is not None else AudioViews(), **kwargs)
 
     def configure_views(self) -> None:
-        parts = self.views.parts if isinstance(self.views, PairedViews) else (self.views,)
+        parts = self.views.parts
         wrong = [type(part).__name__ for part in parts if not isinstance(part, AudioViews)]
         if wrong:
             raise TypeError(f"{type(self).__name__} needs AudioViews (or PairedViews of two), got {', '.join(wrong)}")

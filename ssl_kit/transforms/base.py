@@ -39,6 +39,12 @@ class ViewAugmentation(ABC):
         """Batched stage on the training device; identity for per-sample pipelines."""
         return views
 
+    @property
+    def parts(self) -> tuple[ViewAugmentation, ...]:
+        """The augmentations that make the views (itself; a composition lists its members), so a
+        DataModule can configure each with modality-specific settings."""
+        return (self,)
+
 
 class PairedViews(ViewAugmentation):
     """Self-training views for any modality: view 0 from ``weak``, view 1 from ``strong`` (each
