@@ -46,7 +46,7 @@ def gloo_group(rank: int, world_size: int, port: int) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -55,5 +55,5 @@ def _free_port() -> int:
 def spawn_ranks(worker: Callable, out_dir: Path, world_size: int = 2) -> list[dict]:
     """Runs ``worker(rank, world_size, port, out_dir)`` in ``world_size`` processes; each saves
     ``out_dir/rank{r}.pt``, returned here in rank order."""
-    mp.spawn(worker, args=(world_size, _free_port(), str(out_dir)), nprocs=world_size, join=True)
+    mp.spawn(worker, args=(world_size, free_port(), str(out_dir)), nprocs=world_size, join=True)
     return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
