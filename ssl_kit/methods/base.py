@@ -26,6 +26,13 @@ class BackboneModule(L.LightningModule):
     per optimizer step, and a guard that stops on a non-finite loss before the optimizer step.
 
     ``image_size`` and ``num_classes`` are linked from the DataModule by the CLI.
+
+    Speed options (off by default: each helps only on some hardware; README "Speed" has the
+    measurements), applied when fitting starts so checkpoints stay plain:
+    ``channels_last`` stores 2-D conv weights channels-last (inputs follow the weights' format in
+    the conv kernels; models without 2-D convs are left as they are), ``compile_backbone`` compiles
+    the backbone in place (``nn.Module.compile``: state-dict keys unchanged), ``fused_optimizer``
+    uses torch's fused SGD / AdamW.
     """
 
     def __init__(
@@ -43,6 +50,9 @@ class BackboneModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_epochs: float = 10.0,
         min_lr_fraction: float = 0.0,
+        channels_last: bool = False,
+        compile_backbone: bool = False,
+        fused_optimizer: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -52,6 +62,16 @@ class BackboneModule(L.LightningModule):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.backbone(images)
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.hparams.channels_last:
+            for module in self.modules():
+                if isinstance(module, nn.Conv2d):
+                    module.to(memory_format=torch.channels_last)
+        if self.hparams.compile_backbone:
+            self.backbone.compile()
 
     def stop_if_not_finite(self, loss: Tensor) -> None:
         finite = bool(torch.isfinite(loss).item())
@@ -79,7 +99,7 @@ class BackboneModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         groups = decay_groups(self.trained_modules(), hp.weight_decay) + self.extra_param_groups()
-        optimizer = build_optimizer(hp.optimizer, groups, hp.lr, hp.momentum, hp.betas, hp.nesterov)
+        optimizer = build_optimizer(hp.optimizer, groups, hp.lr, hp.momentum, hp.betas, hp.nesterov, hp.fused_optimizer)
         return warmup_cosine_config(optimizer, self.trainer, hp.warmup_epochs, hp.min_lr_fraction)
 
 
