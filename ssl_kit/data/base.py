@@ -45,6 +45,10 @@ class SSLDataModule(L.LightningDataModule):
     unlabeled pool are only for monitoring (pseudo-label accuracy).
 
     ``train_subset`` / ``eval_subset``: fixed, stratified subsets of the splits (see ``subsets``).
+
+    Loaders: ``pin_memory`` (used only when CUDA is available) lets batches cross to the GPU
+    asynchronously; ``persistent_workers`` keeps worker processes alive between epochs and loaders
+    instead of restarting them (and re-pickling the dataset) each time.
     """
 
     num_classes: int
@@ -67,6 +71,7 @@ class SSLDataModule(L.LightningDataModule):
         skip_bad_files: bool = False,
         download: bool = True,
         pin_memory: bool = True,
+        persistent_workers: bool = True,
         labels_per_class: int | None = None,
         label_fraction: float | None = None,
         unlabeled_ratio: int = 7,
@@ -86,6 +91,7 @@ class SSLDataModule(L.LightningDataModule):
         self.skip_bad_files = skip_bad_files
         self.download = download
         self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
         self.labels_per_class = labels_per_class
         self.label_fraction = label_fraction
         self.unlabeled_ratio = unlabeled_ratio
@@ -181,7 +187,7 @@ class SSLDataModule(L.LightningDataModule):
             drop_last=drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
             collate_fn=collate_skipping_bad if self.skip_bad_files else None,
         )
 
