@@ -76,6 +76,19 @@ def test_linear_probe_chooses_on_validation_only():
     assert blind.test_top1 < 0.4  # the test labels did change; the choice did not
 
 
+def test_linear_probe_does_not_depend_on_the_feature_scale():
+    """Random-init ResNet features vary by ~1e-4 per dimension; a probe whose normalisation has a
+    fixed epsilon sees them as constant."""
+
+    def scaled(features: FeatureSet) -> FeatureSet:
+        return FeatureSet(1e-4 * features.features, features.labels)
+
+    settings = dict(epochs=20, lrs=(0.1,), weight_decays=(0.0,))
+    result = P.linear_probe(TRAIN, VAL, TEST, 4, **settings)
+    tiny = P.linear_probe(scaled(TRAIN), scaled(VAL), scaled(TEST), 4, **settings)
+    assert result.test_top1 > 0.8 and abs(tiny.test_top1 - result.test_top1) <= 0.005
+
+
 def test_knn_temperature_lets_a_closer_minority_beat_a_farther_majority():
     # Query (1, 0). Cosine similarities: class 0 at 1.0 (and -1.0, never a neighbour with k = 3),
     # class 1 twice at 0.8 (norms differ: cosine ignores them), class 2 at 0.6 and 0.0.

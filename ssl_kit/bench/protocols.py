@@ -92,12 +92,16 @@ def train_linear_heads(
     linear softmax classifier is written out, so every setting costs one batched matmul per step.
 
     ``batchnorm``: ``BatchNorm1d(affine=False)`` before the head, as in MAE's probe, with the
-    statistics of the whole training set (on fixed features, batch statistics only add noise)."""
+    statistics of the whole training set (on fixed features, batch statistics only add noise) and an
+    epsilon relative to the mean variance, so the probe does not depend on the features' scale: a
+    fixed 1e-5 would flatten features whose variance is below it (a random-init ResNet's are ~1e-7)."""
     x, y = train.features.to(device), train.labels.to(device)
     norm: nn.Module = nn.Identity()
     if batchnorm:
-        norm = nn.BatchNorm1d(x.shape[1], affine=False, device=device).eval()
-        norm.running_mean, norm.running_var = x.mean(0), x.var(0, unbiased=False)
+        variance = x.var(0, unbiased=False)
+        epsilon = 1e-5 * float(variance.mean()) or 1e-5  # constant features: any epsilon
+        norm = nn.BatchNorm1d(x.shape[1], eps=epsilon, affine=False, device=device).eval()
+        norm.running_mean, norm.running_var = x.mean(0), variance
         x = norm(x)
     lr, weight_decay = torch.tensor(settings, dtype=torch.float32, device=device).T.reshape(2, -1, 1, 1)
     weight = torch.zeros(len(settings), num_classes, x.shape[1], device=device)

@@ -96,7 +96,7 @@ class Cell:
         if cli.trainer.interrupted:
             raise RuntimeError(f"cell {self.key}: pretraining was interrupted; re-run the suite to resume from {last}")
         samples = cli.trainer.global_step * cli.datamodule.batch_size * cli.trainer.world_size
-        return cli, samples / seconds if seconds > 0 else None
+        return cli, samples / seconds if samples and seconds > 0 else None  # None: no training steps (random init)
 
     def run(self) -> list[Result]:
         start = time.perf_counter()
