@@ -1,7 +1,8 @@
 from ssl_kit.transforms.audio import AudioViews, LogMel
 from ssl_kit.transforms.base import PairedViews, ViewAugmentation
-from ssl_kit.transforms.batched import BatchedImageViews
+from ssl_kit.transforms.batched import BatchedImageViews, BatchedVideoViews
+from ssl_kit.transforms.batched_audio import BatchedAudioViews
 from ssl_kit.transforms.image import ImageViews, WeakStrongViews, eval_transform
 from ssl_kit.transforms.video import VideoViews
 
-__all__ = ["ViewAugmentation", "PairedViews", "ImageViews", "BatchedImageViews", "WeakStrongViews", "AudioViews", "LogMel", "VideoViews", "eval_transform"]
+__all__ = ["ViewAugmentation", "PairedViews", "ImageViews", "BatchedImageViews", "BatchedVideoViews", "WeakStrongViews", "AudioViews", "BatchedAudioViews", "LogMel", "VideoViews", "eval_transform"]
