@@ -15,7 +15,10 @@ import torchaudio
 from torch import Tensor
 
 from ssl_kit.data.base import SSLDataModule, Splits
-from ssl_kit.data.datasets import LabeledFiles, TensorSamples, Transformed, UnreadableFileError, class_folder_samples, class_names
+from ssl_kit.data.datasets import (
+    LabeledFiles, Samples, Source, TensorSamples, Transformed, UnreadableFileError, class_folder_samples, open_sample,
+)  # fmt: skip
+from ssl_kit.data.sources import sample_source
 from ssl_kit.data.download import download_and_extract, obtain
 from ssl_kit.data.splits import stratified_split
 from ssl_kit.transforms.audio import AudioEval, AudioViews, LogMel
@@ -25,12 +28,12 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".au")
 TEST_SPLIT_SEED = 1234
 
 
-def read_audio(path: str | Path, sample_rate: int) -> Tensor:
-    """Mono float waveform of an audio file at ``sample_rate`` (channels averaged; any other rate
-    is resampled, never reinterpreted). An unreadable or empty file raises ``UnreadableFileError``
-    naming it."""
+def read_audio(path: Source | Path, sample_rate: int) -> Tensor:
+    """Mono float waveform of an audio file or shard member at ``sample_rate`` (channels averaged;
+    any other rate is resampled, never reinterpreted). An unreadable or empty file raises
+    ``UnreadableFileError`` naming it."""
     try:
-        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        data, rate = soundfile.read(open_sample(path), dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, OSError) as error:
         raise UnreadableFileError(f"cannot read audio file {path}: {error}") from error
     if data.shape[0] == 0:
@@ -44,11 +47,11 @@ def read_audio(path: str | Path, sample_rate: int) -> Tensor:
 class AudioFiles(LabeledFiles):
     """Waveforms read from audio files at ``sample_rate`` (see ``read_audio``)."""
 
-    def __init__(self, samples: list[tuple[str, int]], sample_rate: int, skip_bad_files: bool = False) -> None:
+    def __init__(self, samples: Samples, sample_rate: int, skip_bad_files: bool = False) -> None:
         super().__init__(samples, skip_bad_files)
         self.sample_rate = sample_rate
 
-    def read(self, path: str) -> Tensor:
+    def read(self, path: Source) -> Tensor:
         return read_audio(path, self.sample_rate)
 
 
@@ -94,22 +97,29 @@ class AudioDataModule(SSLDataModule):
     def eval_transform(self) -> AudioEval:
         return AudioEval(self.frontend, self.clip_samples)
 
-    def files(self, samples: list[tuple[str, int]]) -> AudioFiles:
+    def files(self, samples: Samples) -> AudioFiles:
         return AudioFiles(samples, self.sample_rate, self.skip_bad_files)
+
+
+def list_audio(directory: Path, classes: list[str]) -> list[tuple[str, int]] | None:
+    """The audio files of one split folder ``directory/<class>/**`` (None: no such folder)."""
+    return class_folder_samples(directory, classes, AUDIO_EXTENSIONS, "audio")
 
 
 class AudioFolderDataModule(AudioDataModule):
     """Your own audio: ``root/train/<class>/*`` (wav, flac, ogg, aiff, au: any soundfile format)
     and, optionally, ``root/val/<class>/*`` and ``root/test/<class>/*``. Without ``val`` a seeded
-    stratified ``val_fraction`` of train is held out."""
+    stratified ``val_fraction`` of train is held out. ``root`` may also be shards of such a folder
+    (``python -m ssl_kit.data.shards``)."""
 
     def __init__(self, root: str, *args, **kwargs) -> None:
         super().__init__(root, *args, **kwargs)
-        self.classes = class_names(root, "AudioFolder")
+        self.source = sample_source(root, "AudioFolder", "audio", list_audio)
+        self.classes = self.source.classes
         self.num_classes = len(self.classes)
 
     def _split(self, name: str) -> AudioFiles | None:
-        samples = class_folder_samples(Path(self.root).expanduser() / name, self.classes, AUDIO_EXTENSIONS, "audio")
+        samples = self.source.split(name)
         return None if samples is None else self.files(samples)
 
     def load_splits(self) -> Splits:

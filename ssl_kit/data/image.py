@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from ssl_kit.data.base import Splits, SSLDataModule, unlabeled
-from ssl_kit.data.datasets import IMAGE_EXTENSIONS, ArrayImages, Concatenated, FileImages, class_folder_samples, class_names
+from ssl_kit.data.datasets import IMAGE_EXTENSIONS, ArrayImages, Concatenated, FileImages, class_folder_samples
 from ssl_kit.data.download import obtain
+from ssl_kit.data.sources import sample_source
 from ssl_kit.data.splits import stratified_split
 
 #: Fixed seed for carving a test set out of datasets that have none, so it never moves with ``seed``.
@@ -222,20 +223,27 @@ class STL10DataModule(SSLDataModule):
         return Splits(pretrain=pretrain, train=train, val=val, test=self._labeled(folder, "test"))
 
 
+def list_images(directory: Path, classes: list[str]) -> list[tuple[str, int]] | None:
+    """The image files of one split folder ``directory/<class>/**`` (None: no such folder)."""
+    return class_folder_samples(directory, classes, IMAGE_EXTENSIONS)
+
+
 class ImageFolderDataModule(SSLDataModule):
     """ImageNet / Imagenette layout: ``root/train/<class>/*`` and, optionally, ``root/val/<class>/*``
-    and ``root/test/<class>/*``. Without ``val`` a seeded stratified ``val_fraction`` of train is held out."""
+    and ``root/test/<class>/*``. Without ``val`` a seeded stratified ``val_fraction`` of train is held out.
+    ``root`` may also be shards of such a folder (``python -m ssl_kit.data.shards``)."""
 
     default_image_size = 224
     center_crop_ratio = 0.875
 
     def __init__(self, root: str, *args, **kwargs) -> None:
         super().__init__(root, *args, **kwargs)
-        self.classes = class_names(root, "ImageFolder")
+        self.source = sample_source(root, "ImageFolder", "image", list_images)
+        self.classes = self.source.classes
         self.num_classes = len(self.classes)
 
     def _split(self, name: str) -> FileImages | None:
-        samples = class_folder_samples(Path(self.root).expanduser() / name, self.classes, IMAGE_EXTENSIONS)
+        samples = self.source.split(name)
         return None if samples is None else FileImages(samples, skip_bad_files=self.skip_bad_files)
 
     def load_splits(self) -> Splits:

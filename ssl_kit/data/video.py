@@ -7,10 +7,13 @@ YouTube links)."""
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import re
+import tarfile
+from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import numpy as np
 import torch
@@ -19,7 +22,10 @@ from PIL import Image
 from torch import Tensor
 
 from ssl_kit.data.base import SSLDataModule, Splits
-from ssl_kit.data.datasets import IMAGE_EXTENSIONS, LabeledFiles, TensorSamples, Transformed, UnreadableFileError, class_names
+from ssl_kit.data.datasets import (
+    IMAGE_EXTENSIONS, LabeledFiles, Samples, ShardMember, Source, TensorSamples, Transformed, UnreadableFileError, open_sample,
+)  # fmt: skip
+from ssl_kit.data.sources import FRAMES_SUFFIX, SampleSource, is_sharded, sample_source
 from ssl_kit.data.splits import stratified_split
 from ssl_kit.transforms.base import ViewAugmentation
 from ssl_kit.transforms.video import VideoEval, VideoViews
@@ -30,20 +36,33 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v")
 TEST_SPLIT_SEED = 1234
 
 
-def read_video(path: str | Path) -> Tensor:
-    """All frames of a video file, or of a folder of frame images (sorted by name), as uint8
-    ``(T, 3, H, W)``. An unreadable or frameless clip raises ``UnreadableFileError`` naming it."""
+def frame_images(path: Source | Path) -> list[str | IO[bytes]] | None:
+    """The frame images of a frame-folder video, sorted by name: the files of a folder, or the
+    members of a shard member that is a tar of them (``*.frames.tar``); None for a video file."""
+    if isinstance(path, ShardMember):
+        if not path.member.endswith(FRAMES_SUFFIX):
+            return None
+        with tarfile.open(fileobj=open_sample(path)) as frames:
+            members = sorted((m for m in frames.getmembers() if m.isfile()), key=lambda m: m.name)
+            return [io.BytesIO(frames.extractfile(m).read()) for m in members if Path(m.name).suffix.lower() in IMAGE_EXTENSIONS]
     path = Path(path)
+    return sorted(str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) if path.is_dir() else None
+
+
+def read_video(path: Source | Path) -> Tensor:
+    """All frames of a video file, or of a folder of frame images (sorted by name), as uint8
+    ``(T, 3, H, W)``; either may be a shard member. An unreadable or frameless clip raises
+    ``UnreadableFileError`` naming it."""
     try:
-        if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-            frames = [np.asarray(Image.open(p).convert("RGB")) for p in files]
+        images = frame_images(path)
+        if images is not None:
+            frames = [np.asarray(Image.open(image).convert("RGB")) for image in images]
         else:
             import av
 
-            with av.open(str(path)) as container:
+            with av.open(open_sample(path)) as container:
                 frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-    except Exception as error:  # PyAV raises FFmpeg errors of many kinds; PIL its own
+    except Exception as error:  # PyAV raises FFmpeg errors of many kinds; PIL and tarfile their own
         raise UnreadableFileError(f"cannot read video {path}: {error}") from error
     if not frames:
         raise UnreadableFileError(f"video {path} has no frames")
@@ -64,13 +83,13 @@ class VideoFiles(LabeledFiles):
     """One clip per video file or frame folder per epoch (see ``read_video`` and ``clip_indices``)."""
 
     def __init__(
-        self, samples: list[tuple[str, int]], frames_per_clip: int, stride: int, sampling: Literal["random", "center"],
+        self, samples: Samples, frames_per_clip: int, stride: int, sampling: Literal["random", "center"],
         skip_bad_files: bool = False,
     ) -> None:  # fmt: skip
         super().__init__(samples, skip_bad_files)
         self.frames_per_clip, self.stride, self.sampling = frames_per_clip, stride, sampling
 
-    def read(self, path: str) -> Tensor:
+    def read(self, path: Source) -> Tensor:
         frames = read_video(path)
         return frames[clip_indices(len(frames), self.frames_per_clip, self.stride, self.sampling)]
 
@@ -100,19 +119,19 @@ class VideoDataModule(SSLDataModule):
     def eval_transform(self) -> VideoEval:
         return VideoEval(self.image_size[-1], self.mean, self.std)
 
-    def files(self, samples: list[tuple[str, int]], sampling: Literal["random", "center"]) -> VideoFiles:
+    def files(self, samples: Samples, sampling: Literal["random", "center"]) -> VideoFiles:
         return VideoFiles(samples, self.frames_per_clip, self.frame_stride, sampling, self.skip_bad_files)
 
     def splits_from(
-        self, train: list[tuple[str, int]], val: list[tuple[str, int]] | None, test: list[tuple[str, int]] | None,
-        groups: list[str] | None = None,
+        self, train: Samples, val: Samples | None, test: Samples | None, groups: list[str] | None = None,
     ) -> Splits:  # fmt: skip
         """``Splits`` of sample lists: random-start clips for pretraining, central ones for
         evaluation. Without ``val``, a seeded ``val_fraction`` of every class of ``train`` is held
         out, whole ``groups`` at a time when given (clips cut from one source video stay together,
-        so validation never sees a scene it trained on)."""
+        so validation never sees a scene it trained on), else one sample at a time in list order (so
+        a folder and its shards hold out the same videos)."""
         if val is None:
-            train, val = self.holdout_groups(train, groups or [path for path, _ in train])
+            train, val = self.holdout_groups(train, groups if groups is not None else list(range(len(train))))
         return Splits(
             pretrain=self.files(train, "random"),
             train=self.files(train, "center"),
@@ -120,7 +139,7 @@ class VideoDataModule(SSLDataModule):
             test=None if test is None else self.files(test, "center"),
         )
 
-    def holdout_groups(self, samples: list[tuple[str, int]], groups: list[str]) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    def holdout_groups(self, samples: Samples, groups: list[str] | list[int]) -> tuple[Samples, Samples]:
         """(kept, held) samples: ``stratified_split`` over the groups (each has its first sample's label)."""
         labels = np.array([label for _, label in samples])
         _, first, member = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
@@ -131,36 +150,43 @@ class VideoDataModule(SSLDataModule):
         return [s for s, h in zip(samples, held) if not h], [s for s, h in zip(samples, held) if h]
 
 
+def list_videos(directory: Path, classes: list[str]) -> list[tuple[str, int]] | None:
+    """The videos (files and frame folders) of one split folder ``directory/<class>/`` (None: no such folder)."""
+    if not directory.is_dir():
+        return None
+    samples = []
+    for label, cls in enumerate(classes):
+        folder = directory / cls
+        for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if (entry.is_file() and entry.suffix.lower() in VIDEO_EXTENSIONS) or entry.is_dir():
+                samples.append((str(entry), label))
+    if not samples:
+        raise FileNotFoundError(f"no videos ({', '.join(VIDEO_EXTENSIONS)}) or frame folders under {directory}/<class>/")
+    return samples
+
+
 class VideoFolderDataModule(VideoDataModule):
     """Your own videos: ``root/train/<class>/<video file or folder of frames>`` and, optionally,
     ``root/val/...`` and ``root/test/...``. Training clips start at a random frame, evaluation
-    clips in the middle. Without ``val`` a seeded stratified ``val_fraction`` of train is held out."""
+    clips in the middle. Without ``val`` a seeded stratified ``val_fraction`` of train is held out.
+    ``root`` may also be shards of such a folder (``python -m ssl_kit.data.shards``)."""
 
     def __init__(self, root: str, *args, **kwargs) -> None:
         super().__init__(root, *args, **kwargs)
         self.classes = self.read_classes()
         self.num_classes = len(self.classes)
 
+    @cached_property
+    def source(self) -> SampleSource:
+        """The class folders or shards of ``root``, read when first needed (Kinetics may not need them)."""
+        return sample_source(self.root, "VideoFolder", "video", list_videos)
+
     def read_classes(self) -> list[str]:
         """Sorted class names, read at construction: the model's head size is linked to them."""
-        return class_names(self.root, "VideoFolder")
-
-    def _samples(self, name: str) -> list[tuple[str, int]] | None:
-        directory = Path(self.root).expanduser() / name
-        if not directory.is_dir():
-            return None
-        samples = []
-        for label, cls in enumerate(self.classes):
-            folder = directory / cls
-            for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
-                if (entry.is_file() and entry.suffix.lower() in VIDEO_EXTENSIONS) or entry.is_dir():
-                    samples.append((str(entry), label))
-        if not samples:
-            raise FileNotFoundError(f"no videos ({', '.join(VIDEO_EXTENSIONS)}) or frame folders under {directory}/<class>/")
-        return samples
+        return self.source.classes
 
     def load_splits(self) -> Splits:
-        return self.splits_from(self._samples("train"), self._samples("val"), self._samples("test"))
+        return self.splits_from(*(self.source.split(name) for name in ("train", "val", "test")))
 
 
 KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
@@ -176,7 +202,7 @@ class KineticsDataModule(VideoFolderDataModule):
     YouTube links) are skipped and counted in one warning per split. A val or test CSV without
     labels (withheld in some releases) gives no such split. Classes are the sorted train labels;
     without validate.csv a seeded stratified ``val_fraction`` of train is held out. Without
-    annotations: class folders ``root/train/<class>/*`` exactly as ``VideoFolderDataModule``."""
+    annotations: class folders ``root/train/<class>/*`` (or their shards) exactly as ``VideoFolderDataModule``."""
 
     def _csv(self, split: str) -> Path:
         return Path(self.root).expanduser() / "annotations" / f"{split}.csv"
@@ -185,7 +211,7 @@ class KineticsDataModule(VideoFolderDataModule):
         if self._csv("train").is_file():
             return sorted({row["label"] for row in self._rows("train")})
         train = Path(self.root).expanduser() / "train"
-        if not train.is_dir():
+        if not train.is_dir() and not is_sharded(self.root):
             raise FileNotFoundError(
                 f"Kinetics not found in {self.root}: expected the official annotations {self._csv('train')} "
                 f"(clips under {train}/) or class folders {train}/<class>/*"

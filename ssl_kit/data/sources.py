@@ -1,0 +1,85 @@
+"""Where the samples of a folder DataModule come from: a class-folder tree or a shard index.
+
+``sample_source(root, ...)`` reads ``root/shards.json`` when it exists (a dataset converted with
+``python -m ssl_kit.data.shards``) and lists the class folders otherwise; both give the same class
+order and the same per-split ``(source, label)`` lists, so a DataModule builds the same datasets,
+splits and seeded holdout either way. A sample's source is a path, or a ``ShardMember`` that
+readers open with ``open_sample`` (``ssl_kit.data.datasets``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Protocol
+
+from ssl_kit.data.datasets import Samples, ShardMember, class_names
+
+INDEX_NAME = "shards.json"
+FORMAT = "ssl_kit.shards"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+#: A member holding a tar of a frame-folder video's frames.
+FRAMES_SUFFIX = ".frames.tar"
+
+
+class SampleSource(Protocol):
+    """Class names and the ``(source, label)`` samples of each raw split (None: no such split)."""
+
+    classes: list[str]
+
+    def split(self, name: str) -> Samples | None: ...
+
+
+#: Lists one split folder of a class-folder tree: ``(directory, classes) -> samples or None``.
+FolderLister = Callable[[Path, list[str]], list[tuple[str, int]] | None]
+
+
+class FolderSource:
+    """``root/<split>/<class>/...`` listed by the DataModule's own ``lister``."""
+
+    def __init__(self, root: str, kind: str, lister: FolderLister) -> None:
+        self.root = Path(root).expanduser()
+        self.classes = class_names(root, kind)
+        self.lister = lister
+
+    def split(self, name: str) -> list[tuple[str, int]] | None:
+        return self.lister(self.root / name, self.classes)
+
+
+class ShardSource:
+    """The samples of a converted dataset, from ``root/shards.json`` (see ``ssl_kit.data.shards``)."""
+
+    def __init__(self, root: str, modality: str) -> None:
+        self.root = Path(root).expanduser()
+        index_path = self.root / INDEX_NAME
+        try:
+            index = json.loads(index_path.read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot read the shard index {index_path}: {error}") from error
+        if index.get("format") != FORMAT or index.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{index_path} is not an {FORMAT} index of version {FORMAT_VERSION}")
+        if index["modality"] != modality:
+            raise ValueError(f"{index_path} holds {index['modality']} shards, not {modality}: convert the folder with --modality {modality}")
+        for name, size in index["shards"].items():
+            path = self.root / name
+            if not path.is_file() or path.stat().st_size != size:
+                raise FileNotFoundError(f"shard {path} of {index_path} is missing or not {size} bytes: re-run the conversion")
+        self.classes: list[str] = index["classes"]
+        self.splits: dict[str, list[list]] = index["splits"]
+
+    def split(self, name: str) -> Samples | None:
+        rows = self.splits.get(name)
+        if rows is None:
+            return None
+        return [(ShardMember(str(self.root / shard), member, offset, size), label) for shard, offset, size, member, label in rows]
+
+
+def is_sharded(root: str | None) -> bool:
+    """Whether ``root`` holds a complete conversion (the index is written last)."""
+    return root is not None and (Path(root).expanduser() / INDEX_NAME).is_file()
+
+
+def sample_source(root: str, kind: str, modality: str, lister: FolderLister) -> SampleSource:
+    """Shards when ``root`` holds ``shards.json``, else the class folders of ``root``."""
+    return ShardSource(root, modality) if is_sharded(root) else FolderSource(root, kind, lister)
