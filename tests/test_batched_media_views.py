@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from conftest import TINY_RUN, fit
-from ssl_kit.transforms import AudioViews, BatchedAudioViews, BatchedVideoViews, LogMel, PairedViews, VideoViews
+from ssl_kit.transforms import AudioViews, BatchedAudioViews, BatchedVideoViews, LogMel, PairedViews
 from ssl_kit.transforms import audio as audio_module
 from ssl_kit.transforms.batched import ViewParams, ViewSpec
 
@@ -125,7 +125,9 @@ def test_video_loader_batch_and_paired_views():
     from ssl_kit.data import MovingDigitsDataModule
 
     views = PairedViews(BatchedVideoViews(num_views=1, flip_prob=0.0), BatchedVideoViews(num_views=1, erase_prob=1.0))
-    datamodule = MovingDigitsDataModule(frames_per_clip=4, frame_size=16, clips_per_class=4, views=views, batch_size=6, num_workers=0)
+    datamodule = MovingDigitsDataModule(
+        frames_per_clip=4, frame_size=16, clips_per_class=4, views=views, batch_size=6, num_workers=0
+    )
     datamodule.setup()
     decoded, labels = next(iter(datamodule.train_dataloader()))
     assert [(d.dtype, tuple(d.shape)) for d in decoded] == [(torch.uint8, (6, 4, 3, 16, 16))] * 2
@@ -272,14 +274,15 @@ def test_audio_views_match_the_per_sample_code_for_the_same_parameters(monkeypat
 def test_audio_loader_batch_and_paired_views():
     from ssl_kit.data import SyntheticAudioDataModule
 
-    for views, count in [(BatchedAudioViews(), 2), (PairedViews(BatchedAudioViews(num_views=1), BatchedAudioViews(num_views=1, noise_prob=1.0)), 2)]:
+    paired = PairedViews(BatchedAudioViews(num_views=1), BatchedAudioViews(num_views=1, noise_prob=1.0))
+    for views in (BatchedAudioViews(), paired):
         datamodule = SyntheticAudioDataModule(samples_per_class=4, n_fft=256, views=views, batch_size=6, num_workers=0)
         datamodule.setup()
         waveforms, labels = next(iter(datamodule.train_dataloader()))
-        assert [(w.dtype, tuple(w.shape)) for w in waveforms] == [(torch.float32, (6, 8000))] * count
+        assert [(w.dtype, tuple(w.shape)) for w in waveforms] == [(torch.float32, (6, 8000))] * 2
         datamodule.trainer = SimpleNamespace(training=True)
         out, _ = datamodule.on_after_batch_transfer((waveforms, labels), 0)
-        assert [tuple(v.shape) for v in out] == [(6, 1, 64, 101)] * count and not torch.allclose(out[0], out[1])
+        assert [tuple(v.shape) for v in out] == [(6, 1, 64, 101)] * 2 and not torch.allclose(out[0], out[1])
         assert all(len(part.past) == 6 * part.num_views for part in views.parts)  # the mixing memory
 
 

@@ -91,7 +91,9 @@ class ViewSpec:
             elif isinstance(step, T.RandomSolarize):
                 fields.update(solarize_prob=step.p, solarize_threshold=step.threshold / 255)
             elif isinstance(step, v2.RandomErasing) and step.value is not None and len(step.value) == 1:
-                fields.update(erase_prob=step.p, erase_scale=tuple(step.scale), erase_ratio=tuple(step.ratio), erase_value=step.value[0])
+                fields.update(
+                    erase_prob=step.p, erase_scale=tuple(step.scale), erase_ratio=tuple(step.ratio), erase_value=step.value[0]
+                )
             elif not isinstance(step, (T.ToTensor, T.Normalize, v2.ToDtype, v2.Normalize)):
                 raise TypeError(f"no batched version of {step}")
         return cls(**fields)
