@@ -50,48 +50,73 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-class StepTimer(L.Callback):
-    """Wall time from the first timed batch's start to the last batch's end."""
+class StepTiming:
+    """Wall time from the start of batch ``warmup`` (counted across epochs) to the end of the last
+    batch. A mixin, so that both ``lightning``'s and ``pytorch_lightning``'s Trainers (lightly's
+    examples use the latter) take it as a callback."""
 
     def __init__(self, warmup: int, device: torch.device) -> None:
         self.warmup, self.device = warmup, device
+        self.batches = 0
         self.start = self.end = 0.0
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        if batch_idx == self.warmup:
+        if self.batches == self.warmup:
             sync(self.device)
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.batches += 1
         sync(self.device)
         self.end = time.perf_counter()
 
+    def rate(self, batch_size: int) -> float:
+        """Samples per second over the timed batches."""
+        return (self.batches - self.warmup) * batch_size / (self.end - self.start)
 
-def make_model(args) -> methods.SSLMethod:
+
+class StepTimer(StepTiming, L.Callback):
+    pass
+
+
+def make_model(args, **options) -> methods.SSLMethod:
+    """``args.method`` with SGD and no warmup; ``options``: further constructor arguments."""
     L.seed_everything(0, verbose=False)
     method = getattr(methods, args.method)
-    return method(backbone=args.backbone, image_size=args.image_size, num_classes=10, optimizer="sgd", warmup_epochs=0)
+    return method(backbone=args.backbone, image_size=args.image_size, num_classes=10, optimizer="sgd", warmup_epochs=0, **options)
 
 
-def time_ssl_kit(args, device: torch.device) -> float:
-    model = make_model(args)
-    timer = StepTimer(args.warmup, device)
-    trainer = L.Trainer(
-        accelerator=device.type, devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+def trainer_options(args, device: torch.device) -> dict:
+    """A Trainer that runs ``args.warmup + args.steps`` training steps and nothing else."""
+    return dict(
+        accelerator=device.type, devices=1, max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        callbacks=[timer], precision=args.precision,
+        precision=args.precision,
     )  # fmt: skip
-    trainer.fit(model, train_dataloaders=loader(args.warmup + args.steps, args))
-    return args.steps * args.batch_size / (timer.end - timer.start)
 
 
-def time_plain(args, device: torch.device) -> float:
-    """The textbook loop: the method's loss on both views, backward, SGD step, schedule step, EMA."""
-    model = make_model(args).to(device).train()
+def timed_fit(model: L.LightningModule, args, device: torch.device, epoch_steps: int | None = None, **fit_inputs) -> float:
+    """Samples/s of ``model``'s training step in ssl_kit's Trainer; ``fit_inputs``: the loader or
+    DataModule; ``epoch_steps``: epochs of that many batches (default: the loader's length)."""
+    timer = StepTimer(args.warmup, device)
+    trainer = L.Trainer(callbacks=[timer], limit_train_batches=epoch_steps, **trainer_options(args, device))
+    trainer.fit(model, **fit_inputs)
+    return timer.rate(args.batch_size)
+
+
+def time_ssl_kit(args, device: torch.device, **options) -> float:
+    return timed_fit(make_model(args, **options), args, device, train_dataloaders=loader(args.warmup + args.steps, args))
+
+
+def time_plain(args, device: torch.device, **options) -> float:
+    """The textbook loop: the method's loss on both views, backward, SGD step (the model's
+    settings), schedule step, EMA."""
+    model = make_model(args, **options).to(device).train()
+    hp = model.hparams
     params = [p for module in model.trained_modules() for p in module.parameters() if p.requires_grad]
     ema = getattr(model, "ema", None)
     total = args.warmup + args.steps
-    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
     start = 0.0
