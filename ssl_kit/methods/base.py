@@ -31,8 +31,9 @@ class BackboneModule(L.LightningModule):
     measurements), applied when fitting starts so checkpoints stay plain:
     ``channels_last`` stores 2-D conv weights channels-last (inputs follow the weights' format in
     the conv kernels; models without 2-D convs are left as they are), ``compile_backbone`` compiles
-    the backbone in place (``nn.Module.compile``: state-dict keys unchanged), ``fused_optimizer``
-    uses torch's fused SGD / AdamW.
+    the backbone's forward in place (``nn.Module.compile``: state-dict keys unchanged; MAE's and
+    MSN's masked encoders call the backbone's parts directly and stay uncompiled),
+    ``fused_optimizer`` uses torch's fused SGD / AdamW.
     """
 
     def __init__(
