@@ -65,20 +65,20 @@ class ShardWriter:
         self.name = ""  # of the shard being written
 
     def add(self, path: Path, member: str, label: int) -> None:
+        """Appends the file (or frame folder) ``path`` as ``member``, in a new shard when it would overflow."""
         if path.is_dir():
             data = frames_tar(path)
             member, size, handle = member + FRAMES_SUFFIX, len(data), io.BytesIO(data)
         else:
             size, handle = path.stat().st_size, path.open("rb")
-        footprint = 3 * BLOCK + -(-size // BLOCK) * BLOCK  # header (pax for long names) + padded data
-        if self.tar is None or (self.tar.offset + footprint > self.limit and self.tar.offset > 0):
+        padded = -(-size // BLOCK) * BLOCK  # tar pads member data to whole blocks
+        if self.tar is None or (self.tar.offset + 3 * BLOCK + padded > self.limit and self.tar.offset > 0):  # 3 blocks: header, pax for long names
             self.close()
             self.name = f"{self.split}-{len(self.shards):06d}.tar"
             self.tar = tarfile.open(self.out / self.name, mode="w", format=tarfile.PAX_FORMAT)
         with handle:
             self.tar.addfile(tar_info(member, size, int(path.stat().st_mtime)), handle)
-        offset = self.tar.offset - -(-size // BLOCK) * BLOCK  # the data ends the member, padded to a block
-        self.rows.append([self.name, offset, size, member, label])
+        self.rows.append([self.name, self.tar.offset - padded, size, member, label])  # the data ends the member
 
     def close(self) -> None:
         if self.tar is not None:
@@ -129,11 +129,12 @@ def convert(source: str, out: str, modality: str, shard_size_mb: float = 256, ov
 
 
 def summary(index: dict, out: str) -> str:
+    """What was written: samples, shards and bytes per split."""
     lines = [f"wrote {out}/{INDEX_NAME}: {index['modality']}, {len(index['classes'])} classes"]
     for split, rows in index["splits"].items():
         shards = {row[0] for row in rows}
         size = sum(index["shards"][name] for name in shards)
-        lines.append(f"  {split:5s} {len(rows)} samples in {len(shards)} shard(s), {size / 2**20:.1f} MiB")
+        lines.append(f"  {split:5s} {len(rows)} samples in {len(shards)} shard(s), {size:,} bytes")
     return "\n".join(lines)
 
 
