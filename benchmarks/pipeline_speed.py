@@ -197,9 +197,9 @@ def peak_memory(side: str, args, device_name: str) -> dict[str, float]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     (time_ssl_kit if side == "ssl_kit" else time_plain)(args, device, **RECIPE)
-    usage = {"rss": status_mib("VmHWM") - before}
+    usage = {"host RSS": status_mib("VmHWM") - before}
     if device.type == "cuda":
-        usage["cuda"] = torch.cuda.max_memory_allocated() / 2**20
+        usage["CUDA allocated"] = torch.cuda.max_memory_allocated() / 2**20
     return usage
 
 
@@ -260,7 +260,8 @@ def main() -> None:
     args.method, args.backbone = "BarlowTwins", "resnet18"
     device = torch.device(args.device)
     quiet()
-    images = RandomImages((args.warmup + args.steps) * args.batch_size, args.image_size)
+    images = RandomImages((args.warmup + args.steps) * args.batch_size, args.image_size)  # one epoch per run
+    start = time.perf_counter()
 
     runs = measurements(images, args, device)
     rates: dict[str, list[float]] = {name: [] for name in runs}
@@ -272,14 +273,14 @@ def main() -> None:
     flops = step_flops(args, device)
     dtype = torch.bfloat16 if args.precision == "bf16-mixed" else torch.float32
     peak = matmul_peak(device, dtype)
-    report = format_report(args, device, rates, memory, flops, peak, dtype)
+    report = format_report(args, device, rates, memory, flops, peak, dtype, (time.perf_counter() - start) / 60)
     out = args.out or RESULTS / f"pipeline_speed_{device.type}.txt"
     out.write_text(report)
     print(report, end="")
     print(f"written to {out}")
 
 
-def format_report(args, device, rates, memory, flops, peak, dtype) -> str:
+def format_report(args, device, rates, memory, flops, peak, dtype, minutes: float) -> str:
     def median(name: str) -> float:
         return statistics.median(rates[name])
 
@@ -292,7 +293,7 @@ def format_report(args, device, rates, memory, flops, peak, dtype) -> str:
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     lines = [
         f"$ python {shlex.join(sys.argv)}",
-        f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {where}, {torch.get_num_threads()} torch threads, {args.workers} loader workers",
+        f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {where}, {torch.get_num_threads()} torch threads, {args.workers} loader workers; the run took {minutes:.1f} min",
         f"# {versions}",
         f"# Barlow Twins, ResNet-18 (standard stem), {args.image_size} px, batch {args.batch_size}, 2 views, {args.precision}; "
         f"{args.rounds} rounds of {args.warmup} untimed + {args.steps} timed steps per measurement; rates in pairs/s (median of rounds)",
@@ -322,7 +323,7 @@ def format_report(args, device, rates, memory, flops, peak, dtype) -> str:
     per_pair = flops / args.batch_size
     lines.append(f"FLOPs per step (forward + backward, FlopCounterMode): {flops / 1e9:.1f} G ({per_pair / 1e6:.0f} M per pair)")
     lines.append(f"matrix-multiply peak ({dtype}, best square torch.mm): {peak / 1e9:.1f} GFLOP/s")
-    for name in ("ssl_kit compute-only", "ssl_kit end to end", "lightly end to end"):
+    for name in ("ssl_kit compute-only", "ssl_kit end to end", "lightly end to end"):  # the same FLOPs per pair
         if name in rates:
             achieved = per_pair * median(name)
             lines.append(f"  {name}: {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.1%} of the peak")
