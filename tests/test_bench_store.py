@@ -127,7 +127,7 @@ def report(tmp_path_factory) -> dict[str, Path]:
                     cell = f"{method}-{dataset}-{protocol}-{seed}"
                     fields = dict(method=method, backbone=backbone, dataset=dataset, protocol=protocol, seed=seed, config={"seed": seed})
                     store.add([result("suite", cell, value=value, wall_time_s=100.0 * (m + 1) + seed, epochs=10.0 * (m + 1), throughput=50.0 * (m + 1), **fields)])
-    return write_report(store.path, root / "report", suite="suite")
+    return write_report(store.path, root / "report", suite="suite", description=DESCRIPTION)
 
 
 def test_summarize_over_seeds():
@@ -138,8 +138,12 @@ def test_summarize_over_seeds():
     assert summarize(rows[:1])[0]["std"] == 0.0
 
 
+DESCRIPTION = "A test suite <on> two datasets.\n\nMade by `python -m ssl_kit.bench --config suite.yaml`."
+
+
 def test_markdown_leaderboard(report):
     text = report["markdown"].read_text()
+    assert text.startswith("# Benchmark leaderboard\n\n" + DESCRIPTION + "\n\n## ")
     digits, fsdd = text.split("## digits")[1].split("## fsdd")
     header = "| method (backbone) | linear top1 | knn top1 |"
     # Ranked by the first protocol; spreads 0.01, 0.02, 0.03 give sample stds 1.7, 3.5, 5.2 %.
@@ -169,6 +173,7 @@ def test_html_is_self_contained(report):
     assert page.count('src="data:image/png;base64,') == 2
     assert "http://" not in page and "https://" not in page and "<link" not in page
     assert percent(80.0, 5.2) in page and "Provenance" in page and "suite" in page
+    assert "<p>A test suite &lt;on&gt; two datasets.</p><p>Made by `python -m ssl_kit.bench" in page
 
 
 def test_report_errors_name_the_store(tmp_path, report):

@@ -116,9 +116,10 @@ def _provenance(rows: list[dict]) -> dict[str, list[str]]:
     }
 
 
-def markdown(rows: list[dict]) -> str:
-    """The leaderboard: a table per dataset (methods x protocols), then the rules and provenance."""
-    lines = ["# Benchmark leaderboard"]
+def markdown(rows: list[dict], description: str = "") -> str:
+    """The leaderboard: the suite's description, a table per dataset (methods x protocols), then
+    the rules and provenance."""
+    lines = ["# Benchmark leaderboard"] + (["", description.strip()] if description.strip() else [])
     for dataset, (columns, ranked) in _boards(summarize(rows)).items():
         seeds = {entry["n"] for _, row in ranked for entry in row.values()}
         lines += [
@@ -273,7 +274,7 @@ def _html_cell(entry: dict, field: str, show: Callable[[dict], str] | None) -> s
     return f'<td class="num" data-v="{json.dumps(entry[field])}">{show(entry)}</td>'
 
 
-def html(rows: list[dict], plots: dict[str, Path]) -> str:
+def html(rows: list[dict], plots: dict[str, Path], description: str = "") -> str:
     """A self-contained page (inline CSS and JS, PNGs as data: URIs, no network): the sortable
     leaderboard, the plots and the provenance of the rows."""
     escape = html_lib.escape
@@ -292,6 +293,7 @@ def html(rows: list[dict], plots: dict[str, Path]) -> str:
 <head><meta charset="utf-8"><title>ssl_kit benchmark leaderboard</title><style>{STYLE}</style></head>
 <body>
 <h1>Benchmark leaderboard</h1>
+{"".join(f"<p>{escape(paragraph)}</p>" for paragraph in description.split(chr(10) * 2) if paragraph.strip())}
 <p>{escape(RULES)} Click a column header to sort.</p>
 <table id="leaderboard">
 <thead><tr>{header}</tr></thead>
@@ -311,8 +313,9 @@ def html(rows: list[dict], plots: dict[str, Path]) -> str:
 """
 
 
-def write_report(store_path: str | Path, out_dir: str | Path, suite: str | None = None) -> dict[str, Path]:
-    """Writes leaderboard.md, leaderboard.html, accuracy.png and accuracy_vs_time.png."""
+def write_report(store_path: str | Path, out_dir: str | Path, suite: str | None = None, description: str = "") -> dict[str, Path]:
+    """Writes leaderboard.md, leaderboard.html, accuracy.png and accuracy_vs_time.png; ``description``
+    (Markdown paragraphs: what the suite is, the command that made it) goes under the title."""
     store_path, out_dir = Path(store_path), Path(out_dir)
     if not store_path.is_file():
         raise FileNotFoundError(f"no results store at {store_path}")
@@ -325,6 +328,6 @@ def write_report(store_path: str | Path, out_dir: str | Path, suite: str | None 
         "accuracy_vs_time": plot_accuracy_vs_time(rows, out_dir / "accuracy_vs_time.png"),
     }
     markdown_path, html_path = out_dir / "leaderboard.md", out_dir / "leaderboard.html"
-    markdown_path.write_text(markdown(rows), encoding="utf-8")
-    html_path.write_text(html(rows, plots), encoding="utf-8")
+    markdown_path.write_text(markdown(rows, description), encoding="utf-8")
+    html_path.write_text(html(rows, plots, description), encoding="utf-8")
     return {"markdown": markdown_path, "html": html_path, **plots}

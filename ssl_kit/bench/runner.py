@@ -175,6 +175,7 @@ def run_suite(
     store: str = DEFAULT_STORE,
     workdir: str = "runs/bench",
     report: str | None = None,
+    description: str = "",
 ) -> int:
     """Runs every unfinished cell of the suite (entries x seeds); returns how many ran.
 
@@ -189,6 +190,7 @@ def run_suite(
         store: the SQLite results store.
         workdir: where each cell's pretraining run (checkpoints, logs) goes.
         report: a folder where the suite's leaderboard (Markdown, HTML, PNG) is rendered at the end.
+        description: Markdown shown under the report's title: the budget, the command that made it.
     """
     results = ResultStore(store)
     finished = results.finished_cells(name)
@@ -201,13 +203,13 @@ def run_suite(
         rows = cell.run()
         _write(results, rows)
     if report is not None:
-        _render(store, report, name)
+        _render(store, report, name, description)
     return len(todo)
 
 
 @rank_zero_only
-def _render(store: str, out: str, suite: str) -> None:
-    for kind, path in write_report(store, out, suite).items():
+def _render(store: str, out: str, suite: str, description: str) -> None:
+    for kind, path in write_report(store, out, suite, description).items():
         log.warning("%s: %s", kind, path)
 
 
