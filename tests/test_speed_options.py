@@ -61,6 +61,11 @@ def test_option_gives_the_same_losses(option, reference):
         assert conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_fused_adamw_gives_the_same_losses():
+    options = dict(optimizer="adamw", lr=1e-3)
+    assert fit(model(fused_optimizer=True, **options)) == pytest.approx(fit(model(**options)), rel=1e-4)
+
+
 def test_channels_last_on_a_vit_trains_as_before():
     """A ViT has one 2-D conv (the patch embedding): only it changes format; a 2-block ViT keeps it quick."""
     options = dict(
