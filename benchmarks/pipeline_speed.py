@@ -31,9 +31,9 @@ order) so that machine drift hits all of them; the report gives per-round values
   (``--epoch-steps`` batches, so that workers would restart several times); on CUDA
   ``pin_memory`` off against on end to end.
 
-    python benchmarks/pipeline_speed.py --steps 2 --warmup 1 --rounds 1 --batch-size 32   # smoke run
-    python benchmarks/pipeline_speed.py                                                    # CPU: writes benchmarks/results/pipeline_speed_cpu.txt
-    python benchmarks/pipeline_speed.py --device cuda --workers 8                          # writes pipeline_speed_cuda.txt
+    python benchmarks/pipeline_speed.py --steps 2 --warmup 1 --rounds 1 --batch-size 32 --out /tmp/smoke.txt   # smoke run
+    python benchmarks/pipeline_speed.py    # writes benchmarks/results/pipeline_speed_cpu.txt (about 15-20 min on 2 idle cores)
+    python benchmarks/pipeline_speed.py --device cuda --workers 8    # writes benchmarks/results/pipeline_speed_cuda.txt
 """
 
 from __future__ import annotations
