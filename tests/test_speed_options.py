@@ -1,4 +1,5 @@
-"""Speed options (channels_last, fused optimizer, compiled backbone) change speed, not results."""
+"""Speed options (channels_last, fused optimizer, compiled backbone) change speed, not results;
+persistent_workers reaches the loaders."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from ssl_kit.data import DigitsDataModule
 from ssl_kit.methods import BarlowTwins, MAE
 
 BATCH, SIZE = 8, 16
@@ -92,3 +94,10 @@ def test_compiled_backbone_same_losses_and_interchangeable_checkpoints(reference
     torch.save(compiled.state_dict(), tmp_path / "compiled.pt")
     plain.load_state_dict(torch.load(tmp_path / "compiled.pt"))
     compiled.load_state_dict(model().state_dict())
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_persistent_workers_reach_the_loaders(persistent):
+    data = DigitsDataModule(batch_size=32, num_workers=1, persistent_workers=persistent)
+    assert data.train_dataloader().persistent_workers is persistent
+    assert DigitsDataModule(batch_size=32, num_workers=0).train_dataloader().persistent_workers is False
