@@ -1,5 +1,5 @@
 """MoCo v3: InfoNCE against its formula, 2-rank DDP equivalence, the momentum encoder (no
-gradients, no optimizer group, one EMA update per optimizer step), and learning on the digits."""
+gradients, no optimizer group, one EMA update per optimizer step), and learning on MNIST."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from conftest import fit, fresh_copy, knn_against_random_init
+from conftest import MNIST_RUN, against_random_init, fit, fresh_copy, needs_mnist
 from ddp import TwoViewLinear, gloo_group, seeded_two_view_linear, spawn_ranks
 from ssl_kit.losses.moco import InfoNCELoss
 from ssl_kit.methods.momentum import EMAUpdater, momentum_at
@@ -258,24 +258,23 @@ def test_two_rank_infonce_equals_one_process_on_the_global_batch(ranks: list[dic
 
 
 # --------------------------------------------------------------------------------------------
-# learning on the digits
+# learning on MNIST
 # --------------------------------------------------------------------------------------------
+@needs_mnist
 def test_moco_v3_learns_beyond_random_init_features(tmp_path):
-    """One epoch (18 steps) on the digits at 12 px: kNN accuracy of the trained ResNet-18 clearly
-    beats the same ResNet-18 at random init (about 0.69 at 12 px; trained: about 0.85-0.88)."""
+    """A linear probe on the trained ResNet-18's frozen features clearly beats the same probe at
+    random init (measured: 0.962 vs 0.925). A short run wants a momentum encoder that moves faster
+    than the config's 0.99, a higher lr and more steps (batch 128, 0.99 and lr 1.2 gave 0.935)."""
     from ssl_kit.export import backbone_from_checkpoint
 
-    cli = fit(
-        "moco_v3_digits.yaml", tmp_path,
-        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1.0", "--trainer.limit_val_batches", "1.0",
-        "--data.image_size", "12", "--data.batch_size", "64", "--model.warmup_epochs", "0.3",
-    )  # fmt: skip
-    model = cli.model
-    trained, random_init = knn_against_random_init(cli, "moco_v3_digits")
-    assert trained >= random_init + 0.1
-    assert cli.trainer.callback_metrics["val/knn_acc"].item() == pytest.approx(trained, abs=1e-6)
+    cli = fit("moco_v3_mnist.yaml", tmp_path, *MNIST_RUN, "--data.batch_size", "64", "--model.ema_momentum", "0.9", "--model.lr", "2.4")
+    accuracy = against_random_init(cli, "moco_v3_mnist")
+    trained, random_init = accuracy["linear"]
+    assert trained >= random_init + 0.02
+    assert cli.trainer.callback_metrics["val/knn_acc"].item() == pytest.approx(accuracy["knn"][0], abs=1e-6)
 
     # the momentum encoder moved (EMA) but is neither the online encoder nor its initial state
+    model = cli.model
     online = dict(model.backbone.named_parameters())
     fresh = fresh_copy(model)
     moved = [name for name, p in model.momentum_backbone.named_parameters() if not torch.equal(p, fresh.backbone.get_parameter(name))]

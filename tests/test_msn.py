@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-from conftest import REPO, fit, fresh_copy, knn_against_random_init
+from conftest import REPO, against_random_init, fit, fresh_copy
 from ddp import gloo_group, spawn_ranks
 from ssl_kit.losses.msn import MSNLoss, sinkhorn
 
@@ -380,7 +380,7 @@ CLI_RUN = [
 def digits_run(tmp_path_factory):
     """One MSN pretraining through the real CLI, its kNN accuracy, and the same ViT at random init."""
     cli = fit("msn_digits.yaml", tmp_path_factory.mktemp("msn_digits"), *CLI_RUN)
-    trained, random_init = knn_against_random_init(cli, "msn_digits")
+    trained, random_init = against_random_init(cli, "msn_digits")["knn"]
     return {"cli": cli, "trained": trained, "random_init": random_init, "random_model": fresh_copy(cli.model)}
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_RUN, fit, knn_against_random_init
+from conftest import TINY_RUN, against_random_init, fit
 from ssl_kit.data import MovingDigitsDataModule, VideoFolderDataModule
 from ssl_kit.data.datasets import UnreadableFileError
 from ssl_kit.data.video import clip_indices, read_video
@@ -136,5 +136,5 @@ def test_simclr_learns_motion_on_the_embedded_clips(tmp_path):
         "--trainer.limit_val_batches", "1.0", "--trainer.check_val_every_n_epoch", "4", "--trainer.num_sanity_val_steps", "0",
         base=TINY_RUN,
     )  # fmt: skip
-    trained, random_init = knn_against_random_init(cli, "moving digits")
+    trained, random_init = against_random_init(cli, "moving digits")["knn"]
     assert trained >= random_init + 0.2
