@@ -300,7 +300,7 @@ def test_pre_labeled_pool_trains_the_student_on_the_given_targets():
 # 5 labels per class, 10 epochs over the unlabeled pool (220 optimizer steps), at 24 px through
 # the standard ResNet stem (6x6 maps after it: 4x cheaper than the CIFAR stem at 16 px, and the
 # measured gain is the same); the baseline is the same run with unlabeled_weight 0: same labeled
-# batches, same steps. Measured: teacher 0.885 with the pool, 0.815 on the labels alone.
+# batches, same steps. Measured: teacher 0.923 with the pool, 0.763 on the labels alone.
 LEARN = [
     "--trainer.max_epochs", "10", "--trainer.limit_train_batches", "1.0", "--trainer.limit_val_batches", "1.0",
     "--trainer.check_val_every_n_epoch", "10", "--trainer.num_sanity_val_steps", "0",

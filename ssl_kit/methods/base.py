@@ -36,6 +36,9 @@ class BackboneModule(L.LightningModule):
     ``fused_optimizer`` uses torch's fused SGD / AdamW.
     """
 
+    #: ResNets' residual branches start at zero (``backbone_spec``); ``backbone_kwargs`` overrides.
+    zero_init_last = False
+
     def __init__(
         self,
         backbone: str = "resnet18",
@@ -57,7 +60,7 @@ class BackboneModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.backbone_spec = backbone_spec(backbone, image_size, small_image, backbone_kwargs)
+        self.backbone_spec = backbone_spec(backbone, image_size, small_image, backbone_kwargs, self.zero_init_last)
         self.backbone = build_from_spec(self.backbone_spec)
         self.feature_dim: int = self.backbone.num_features
 
