@@ -32,7 +32,7 @@ order) so that machine drift hits all of them; the report gives per-round values
   ``pin_memory`` off against on end to end.
 
     python benchmarks/pipeline_speed.py --steps 2 --warmup 1 --rounds 1 --batch-size 32 --out /tmp/smoke.txt   # smoke run
-    python benchmarks/pipeline_speed.py    # writes benchmarks/results/pipeline_speed_cpu.txt (about 15-20 min on 2 idle cores)
+    python benchmarks/pipeline_speed.py    # writes benchmarks/results/pipeline_speed_cpu.txt (about 25 min on 2 idle cores)
     python benchmarks/pipeline_speed.py --device cuda --workers 8    # writes benchmarks/results/pipeline_speed_cuda.txt
 """
 
@@ -248,8 +248,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per measurement and round")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them (worker start, compilation)")
+    # Enough steps for a steady state: the batches the workers prefetch before the timed window
+    # (workers x prefetch_factor) would otherwise hide the loader's cost (6 timed steps: lightly at
+    # 0.97 of compute-only; 24: 0.84).
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per measurement and round")
+    parser.add_argument("--warmup", type=int, default=8, help="untimed steps before them (worker start, compilation)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader workers, both pipelines")
     parser.add_argument("--epoch-steps", type=int, default=2, help="batches per epoch in the persistent_workers runs")
