@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from unittest import mock
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -32,6 +34,12 @@ class SSLCLI(LightningCLI):
         super().__init__(
             BackboneModule, SSLDataModule, subclass_mode_model=True, subclass_mode_data=True, auto_configure_optimizers=False, **kwargs
         )
+
+    def parse_arguments(self, parser, args) -> None:
+        # Every ssl_kit entry point passes its whole argument list, sys.argv[1:] included: Lightning's
+        # warning against giving both would fire on every command-line run.
+        with mock.patch.object(sys, "argv", sys.argv[:1]):
+            super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")

@@ -11,6 +11,7 @@ import yaml
 from conftest import REPO, fit
 from ssl_kit.cli import SSLCLI
 from ssl_kit.export import main as export_main
+from ssl_kit.fit import main as fit_main
 from ssl_kit.methods import SimCLR
 from ssl_kit.models import load_exported_backbone
 from ssl_kit.methods.base import NonFiniteLossError
@@ -30,6 +31,16 @@ def test_config_parses_and_overrides_apply(capsys):
     assert config["data"]["class_path"] == "ssl_kit.data.DigitsDataModule"
     assert config["data"]["init_args"]["batch_size"] == 64
     assert config["trainer"]["max_epochs"] == 3
+
+
+def test_command_line_run_parses_sys_argv_without_lightning_warning(monkeypatch, capsys, recwarn):
+    """``python -m ssl_kit.fit`` hands sys.argv[1:] to LightningCLI as args, which Lightning warns about."""
+    argv = ["--config", str(REPO / "configs" / "quickstart.yaml"), "--model.lr", "0.07", "--print_config"]
+    monkeypatch.setattr("sys.argv", ["ssl_kit.fit", *argv])
+    with pytest.raises(SystemExit):
+        fit_main()
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["lr"] == 0.07
+    assert not [w for w in recwarn if "args parameter" in str(w.message)]
 
 
 def test_model_and_data_chosen_by_short_name_or_class_path(capsys):
