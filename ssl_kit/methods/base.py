@@ -36,7 +36,7 @@ class BackboneModule(L.LightningModule):
     ``fused_optimizer`` uses torch's fused SGD / AdamW.
     """
 
-    #: ResNets' residual branches start at zero (``backbone_spec``); ``backbone_kwargs`` overrides.
+    #: Whether ResNets' residual branches start at zero (see ``backbone_spec``); ``backbone_kwargs`` overrides.
     zero_init_last = False
 
     def __init__(
