@@ -20,7 +20,7 @@ from ssl_kit.bench.store import ResultStore
 
 KEY = ("dataset", "protocol", "method", "backbone", "metric")
 PROTOCOL_ORDER = ("linear", "knn", "fine_tune", "few_label")
-MARKERS = "osD^v<>pP*Xh"
+MARKERS = "osD^v<>P*Xp"
 RULES = (
     "Every number comes from the final checkpoint of its run (no early stopping, no checkpoint picking), "
     "evaluated on fixed splits; choices (hyper-parameters, epochs) are made on validation data, never on "
@@ -152,7 +152,9 @@ def _figure(nrows: int, ncols: int) -> tuple[Figure, np.ndarray]:
 def plot_accuracy(rows: list[dict], path: str | Path) -> Path:
     """Bars of mean accuracy per method with std error bars, a panel per dataset, a bar per
     (protocol, metric)."""
-    boards = _boards(summarize(rows))
+    summary = summarize(rows)
+    boards = _boards(summary)
+    every_column = _columns(summary)
     figure, axes = _figure(1, len(boards))
     for ax, (dataset, (columns, ranked)) in zip(axes[0], boards.items()):
         width = 0.8 / len(columns)
@@ -164,14 +166,20 @@ def plot_accuracy(rows: list[dict], path: str | Path) -> Path:
                 width,
                 yerr=[100 * entry["std"] for _, entry in placed],
                 capsize=3,
-                color=f"C{j % 10}",
-                label=_column_name(column),
+                color=f"C{every_column.index(column) % 10}",
             )
         ax.set_xticks(range(len(ranked)), [label for label, _ in ranked], rotation=30, ha="right")
         ax.set(title=dataset, ylabel="accuracy (%)")
-        ax.legend(fontsize="small")
+    # One legend above the panels: inside an axis it would hide bars.
+    handles = [Patch(color=f"C{j % 10}", label=_column_name(column)) for j, column in enumerate(every_column)]
+    figure.legend(handles=handles, loc="outside upper center", ncols=len(handles), fontsize="small")
     figure.savefig(path, dpi=100)
     return Path(path)
+
+
+def _marker(index: int) -> dict[str, str]:
+    """The index-th method's marker: every filled shape, then the same shapes hollow."""
+    return {"marker": MARKERS[index % len(MARKERS)], "fillstyle": "none" if index // len(MARKERS) % 2 else "full"}
 
 
 def plot_accuracy_vs_time(rows: list[dict], path: str | Path) -> Path:
@@ -192,12 +200,13 @@ def plot_accuracy_vs_time(rows: list[dict], path: str | Path) -> Path:
                             entry[field],
                             100 * entry["mean"],
                             yerr=100 * entry["std"],
-                            fmt=MARKERS[labels.index(label) % len(MARKERS)],
+                            linestyle="",
                             color=f"C{columns.index(column) % 10}",
                             capsize=3,
+                            **_marker(labels.index(label)),
                         )
             ax.set(title=dataset, xlabel=xlabel, ylabel="accuracy (%)")
-    handles = [Line2D([], [], ls="", marker=MARKERS[i % len(MARKERS)], color="grey", label=label) for i, label in enumerate(labels)]
+    handles = [Line2D([], [], ls="", color="grey", label=label, **_marker(i)) for i, label in enumerate(labels)]
     handles += [Patch(color=f"C{j % 10}", label=_column_name(column)) for j, column in enumerate(columns)]
     figure.legend(handles=handles, loc="outside right upper", fontsize="small")
     figure.savefig(path, dpi=100)
