@@ -43,13 +43,3 @@ def extract_features(backbone: torch.nn.Module, loader) -> tuple[Tensor, Tensor]
         labels.append(targets)
     backbone.train(was_training)
     return torch.cat(features), torch.cat(labels)
-
-
-def knn_accuracy(
-    backbone: torch.nn.Module, bank_loader, query_loader, num_classes: int, k: int = 20, temperature: float = 0.1
-) -> float:
-    """Top-1 accuracy of the weighted kNN classifier on frozen features."""
-    bank, bank_labels = extract_features(backbone, bank_loader)
-    queries, query_labels = extract_features(backbone, query_loader)
-    scores = knn_predict(queries, bank, bank_labels, num_classes, k, temperature)
-    return (scores.argmax(1) == query_labels).float().mean().item()

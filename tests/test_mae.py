@@ -10,8 +10,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import REPO, fit, fresh_copy
-from ssl_kit.evaluation import knn_accuracy
+from conftest import REPO, against_random_init, fit, fresh_copy
 from ssl_kit.losses.mae import MaskedReconstructionLoss
 from ssl_kit.methods.mae import FIGURE_MIN_SIDE, MAE
 from ssl_kit.models.masking import gather_tokens, random_token_mask
@@ -312,12 +311,9 @@ def test_mae_learns_beyond_random_init_features(tmp_path):
     below both the random-init model's and the best constant prediction's (0 in norm-pix units),
     and the kNN accuracy of the trained ViT beats the same ViT at random init."""
     cli = fit("mae_digits.yaml", tmp_path, *LEARN)
-    # The online kNN monitor equals the offline evaluation (checked in test_methods), so the trained
-    # number is read from it; only the random-init model is evaluated here.
-    trained = cli.trainer.callback_metrics["val/knn_acc"].item()
-    bank, val = cli.datamodule.val_dataloader()
+    trained, random_init = against_random_init(cli, "mae_digits")["knn"]
+    _, val = cli.datamodule.val_dataloader()
     fresh = fresh_copy(cli.model)
-    random_init = knn_accuracy(fresh.backbone, bank, val, num_classes=10)
 
     images = torch.cat([batch[0] for batch in val])
     mask = cli.model.random_mask(len(images), torch.Generator().manual_seed(0)).mask
