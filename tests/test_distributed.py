@@ -9,8 +9,8 @@ reference computed in the parent (where no process group exists, so every collec
 Cases, each on a seeded ``nn.Linear`` (same init on every rank) wrapped in
 ``DistributedDataParallel``, a global batch of 16 inputs per view, each rank its contiguous half:
 
-* ``ntxent``: lightly's ``NTXentLoss(temperature=0.5, gather_distributed=True)`` as built by
-  ``ssl_kit.methods.simclr.SimCLR``;
+* ``ntxent``: ``SimCLR(temperature=0.3).criterion``, the module's own loss (lightly's
+  ``NTXentLoss``): it must gather negatives from every rank;
 * ``barlow``: ``ssl_kit.losses.BarlowTwinsLoss`` (global statistics, autograd-aware reductions);
 * ``lightly_barlow``: lightly's ``BarlowTwinsLoss(gather_distributed=True)``, which standardises
   with per-rank statistics, so its DDP gradients are *not* those of the global-batch loss.
@@ -55,9 +55,9 @@ def make_data() -> tuple[Tensor, Tensor]:
 
 def make_criterion(name: str) -> nn.Module:
     if name == "ntxent":
-        from lightly.loss import NTXentLoss
+        from ssl_kit.methods import SimCLR
 
-        return NTXentLoss(temperature=0.5, gather_distributed=True)  # as in ssl_kit SimCLR
+        return SimCLR(backbone="resnet18", image_size=8, temperature=0.3, projection_hidden_dim=8, projection_dim=4).criterion
     if name == "barlow":
         from ssl_kit.losses import BarlowTwinsLoss
 

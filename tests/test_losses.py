@@ -75,6 +75,18 @@ def test_ntxent_temperature_changes_value() -> None:
     assert abs(a - b) > 1e-3
 
 
+def test_simclr_criterion_is_the_formula_at_its_temperature() -> None:
+    """The module's own criterion, not one built by the test: it uses ``temperature`` and gathers
+    negatives from every rank (the 2-rank check is in test_distributed.py)."""
+    from ssl_kit.methods import SimCLR
+
+    criterion = SimCLR(backbone="resnet18", image_size=8, temperature=0.3).criterion
+    assert criterion.gather_distributed
+    gen = torch.Generator().manual_seed(2)
+    out0, out1 = torch.randn(5, 4, generator=gen, dtype=torch.float64), torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    assert criterion(out0, out1).item() == pytest.approx(ntxent_reference(out0.numpy(), out1.numpy(), 0.3), rel=1e-10)
+
+
 @pytest.mark.parametrize("temperature", [0.1, 0.5])
 @pytest.mark.parametrize("n", [2, 5])
 def test_ntxent_identical_orthogonal_views_closed_form(temperature: float, n: int) -> None:

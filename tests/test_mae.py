@@ -152,6 +152,33 @@ def test_norm_pix_target_matches_explicit_formula():
     assert loss.item() == pytest.approx(total / count, rel=1e-5)
 
 
+def test_videomae_norm_pix_target_is_per_channel_with_eps_on_the_std():
+    """VideoMAE's target: each channel of a tubelet standardised on its own, ``(t - mean_c) /
+    (std_c + eps)`` (unbiased), values channel-last in the patch vector; image MAE pools the channels."""
+    gen = torch.Generator().manual_seed(5)
+    channels, values = 3, 8
+    pred = torch.randn(2, 4, values * channels, generator=gen)
+    target = torch.randn(2, 4, values * channels, generator=gen) * torch.tensor([1.0, 5.0, 0.2]).repeat(values) + torch.tensor([0.0, 3.0, -1.0]).repeat(values)
+    mask = torch.tensor([[True, False, True, True], [False, True, True, False]])
+    total, count = 0.0, 0
+    for b in range(2):
+        for n in range(4):
+            if mask[b, n]:
+                t = target[b, n].double().reshape(values, channels)
+                normalised = (t - t.mean(0)) / (t.std(0) + 1e-6)  # torch.std is unbiased
+                total += ((pred[b, n].double().reshape(values, channels) - normalised) ** 2).mean().item()
+                count += 1
+    video = MaskedReconstructionLoss(norm_pix_loss=True, norm_channels=channels)(pred, target, mask)
+    assert video.item() == pytest.approx(total / count, rel=1e-5)
+    # pooling the channels gives another target: they have their own offsets and scales here
+    image_target = MaskedReconstructionLoss(norm_pix_loss=True).target(target)
+    assert (image_target - MaskedReconstructionLoss(norm_pix_loss=True, norm_channels=channels).target(target)).abs().max() > 0.5
+    from ssl_kit.methods import MAE
+
+    model = MAE(backbone="video_vit_tiny", image_size=(4, 16, 16), backbone_kwargs={"depth": 1})
+    assert model.criterion.norm_channels == 3 and tiny_mae().criterion.norm_channels is None
+
+
 def test_without_norm_pix_the_loss_is_plain_mse_on_hidden_patches():
     pred, target, mask = _loss_inputs(seed=4)
     expected = ((pred[mask] - target[mask]) ** 2).mean()

@@ -108,6 +108,51 @@ def test_thresholded_loss_is_the_masked_mean_over_all_unlabeled_rows():
     assert labels.mask.sum() == 3
 
 
+def released_doubly_robust(labeled_logits, labels, labeled_targets, unlabeled_logits, unlabeled_targets, weight):
+    """The released code's loss, written out: ``(1/(n+m)) (sum_lab CE(yhat) + sum_unl CE(yhat))
+    + (weight / n) (sum_lab CE(y) - sum_lab CE(yhat))``, per sample with explicit sums."""
+    n, m = len(labels), len(unlabeled_logits)
+    ce = lambda logits, target: -(target * logits.log_softmax(0)).sum()  # noqa: E731
+    onehot = F.one_hot(labels, labeled_logits.shape[1]).float()
+    lab_pseudo = sum(ce(labeled_logits[i], labeled_targets[i]) for i in range(n))
+    unl_pseudo = sum(ce(unlabeled_logits[j], unlabeled_targets[j]) for j in range(m))
+    lab_true = sum(ce(labeled_logits[i], onehot[i]) for i in range(n))
+    return ((lab_pseudo + unl_pseudo) / (n + m) + weight / n * (lab_true - lab_pseudo)).item()
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5, 1.0])
+def test_doubly_robust_is_the_released_formula(weight):
+    """Independent labeled and unlabeled logits, soft pseudo-labels; weight 0 is pseudo-label
+    training on all the data (not labeled-only training: the ramp weights the correction)."""
+    gen = torch.Generator().manual_seed(2)
+    n, m, classes = 5, 11, 4
+    labeled, unlabeled = torch.randn(n, classes, generator=gen), torch.randn(m, classes, generator=gen)
+    labels = torch.randint(0, classes, (n,), generator=gen)
+    lab_targets, unl_targets = torch.rand(n, classes, generator=gen).softmax(1), torch.rand(m, classes, generator=gen).softmax(1)
+    got = DoublyRobustLoss()(labeled, labels, lab_targets, unlabeled, unl_targets, correction_weight=weight)
+    assert got.item() == pytest.approx(released_doubly_robust(labeled, labels, lab_targets, unlabeled, unl_targets, weight), rel=1e-6)
+    if weight == 0.0:
+        all_pseudo = torch.cat([soft_cross_entropy(labeled, lab_targets), soft_cross_entropy(unlabeled, unl_targets)]).mean()
+        assert got.item() == pytest.approx(all_pseudo.item(), rel=1e-6)
+
+
+def test_doubly_robust_weights_the_all_data_term_by_the_datasets_labeled_share():
+    """Batches oversample the few labeled samples; with ``labeled_fraction`` n / (n + m) of the
+    dataset, a batch that repeats its labeled rows has the same loss, which is the released loss on
+    the dataset. Weighted by the batch's own counts (None) it is not."""
+    gen = torch.Generator().manual_seed(3)
+    n, m, classes = 4, 36, 5
+    labeled, unlabeled = torch.randn(n, classes, generator=gen), torch.randn(m, classes, generator=gen)
+    labels = torch.randint(0, classes, (n,), generator=gen)
+    lab_targets = F.one_hot(torch.randint(0, classes, (n,), generator=gen), classes).float()
+    unl_targets = F.one_hot(torch.randint(0, classes, (m,), generator=gen), classes).float()
+    dataset = released_doubly_robust(labeled, labels, lab_targets, unlabeled, unl_targets, 0.7)
+    loss = DoublyRobustLoss()
+    oversampled = (labeled.repeat(5, 1), labels.repeat(5), lab_targets.repeat(5, 1), unlabeled, unl_targets, 0.7)
+    assert loss(*oversampled, labeled_fraction=n / (n + m)).item() == pytest.approx(dataset, rel=1e-6)
+    assert loss(*oversampled).item() != pytest.approx(dataset, rel=1e-3)
+
+
 def test_doubly_robust_equals_labeled_only_loss_when_pseudo_labels_are_uninformative():
     """Pseudo-labels drawn independently of the data (uniform over classes): in expectation the two
     pseudo-label terms cancel and the loss is the labeled-only cross-entropy."""
@@ -135,11 +180,9 @@ def test_doubly_robust_equals_all_data_loss_when_pseudo_labels_are_true():
     n, m, classes = 4, 10, 3
     logits, labels = torch.randn(n + m, classes, generator=gen), torch.randint(0, classes, (n + m,), generator=gen)
     onehot = F.one_hot(labels, classes).float()
-    got = DoublyRobustLoss()(logits[:n], labels[:n], onehot[:n], logits[n:], onehot[n:])
-    assert got.item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
-    # the ramp: weight 0 is labeled-only training
-    got = DoublyRobustLoss()(logits[:n], labels[:n], onehot[:n], logits[n:], onehot[n:], weight=0.0)
-    assert got.item() == pytest.approx(F.cross_entropy(logits[:n], labels[:n]).item(), rel=1e-6)
+    for weight in (0.0, 0.5, 1.0):  # the correction is zero: every ramp weight gives the all-data loss
+        got = DoublyRobustLoss()(logits[:n], labels[:n], onehot[:n], logits[n:], onehot[n:], correction_weight=weight)
+        assert got.item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
 
 
 def test_soft_cross_entropy_and_rampup():
@@ -174,15 +217,18 @@ def semi_batch():
 
 
 @pytest.mark.parametrize("loss", ["fixmatch", "doubly_robust"])
-def test_unlabeled_loss_is_nonzero_and_alone_trains_the_student_not_the_teacher(loss):
-    """USB's Mean Teacher compared a tensor with itself (always 0). Here the unlabeled loss alone is
+def test_unlabeled_loss_is_nonzero_and_alone_trains_the_student_not_the_teacher(loss, monkeypatch):
+    """USB's Mean Teacher compared a tensor with itself (always 0). Here the pseudo-label loss alone
+    (FixMatch's unlabeled term; the doubly robust loss before its correction is ramped in) is
     non-zero, gives the student gradients, and an optimizer step on it changes the student."""
     torch.manual_seed(0)
     model = tiny_teacher(loss=loss)
+    monkeypatch.setattr(model, "correction_weight_now", lambda: 0.0)
     batch = semi_batch()
-    _, unlabeled_loss, pseudo = model.loss_terms(batch)
-    assert unlabeled_loss.abs() > 1e-3 and pseudo.mask.all()  # threshold 0: every pseudo-label counts
-    unlabeled_loss.backward()
+    total, parts, pseudo = model.training_losses(batch)
+    pseudo_label_loss = parts["unlabeled_loss"] if loss == "fixmatch" else total
+    assert pseudo_label_loss.abs() > 1e-3 and pseudo.mask.all()  # threshold 0: every pseudo-label counts
+    pseudo_label_loss.backward()
     assert model.head.weight.grad.abs().sum() > 0
     assert model.backbone.conv1.weight.grad.abs().sum() > 0
     teacher = [*model.teacher_backbone.parameters(), *model.teacher_head.parameters()]
@@ -190,6 +236,67 @@ def test_unlabeled_loss_is_nonzero_and_alone_trains_the_student_not_the_teacher(
     before = model.head.weight.detach().clone()
     torch.optim.SGD(model.trained_modules()[1].parameters(), lr=0.1).step()
     assert not torch.equal(model.head.weight, before)
+
+
+def marked_batch(labeled: int = 4, unlabeled: int = 12) -> dict:
+    """A semi-supervised batch whose views are constant images: weak labeled 1, strong labeled 2,
+    weak unlabeled 3, strong unlabeled 4, so a spy can tell which view a network saw."""
+    image = lambda rows, value: torch.full((rows, 3, 8, 8), float(value))  # noqa: E731
+    return {
+        "labeled": ([image(labeled, 1), image(labeled, 2)], torch.arange(labeled) % 10),
+        "unlabeled": ([image(unlabeled, 3), image(unlabeled, 4)], torch.arange(unlabeled) % 10),
+    }
+
+
+def spy_views(model, monkeypatch) -> dict[str, list[list[float]]]:
+    """The view markers (first pixel of each row) of every teacher and student input."""
+    seen = {"teacher": [], "student": []}
+    teacher, student = model.forward, model.student
+    monkeypatch.setattr(model, "forward", lambda x: (seen["teacher"].append(x[:, 0, 0, 0].tolist()), teacher(x))[1])
+    monkeypatch.setattr(model, "student", lambda x: (seen["student"].append(x[:, 0, 0, 0].tolist()), student(x))[1])
+    return seen
+
+
+def test_fixmatch_teacher_labels_the_weak_views_and_the_student_learns_on_the_strong_ones(monkeypatch):
+    model = tiny_teacher()
+    seen = spy_views(model, monkeypatch)
+    model.training_losses(marked_batch())
+    assert seen["teacher"] == [[3.0] * 12]  # weak unlabeled only
+    assert seen["student"] == [[1.0] * 4 + [4.0] * 12]  # weak labeled, strong unlabeled, one pass
+
+
+def test_fixmatch_threshold_keeps_only_confident_pseudo_labels(monkeypatch):
+    """Teacher probabilities 0.9 on half of the rows, 0.5 on the others: at threshold 0.8 only the
+    first half counts, and the loss is their cross-entropy summed over all 12 rows' mean."""
+    model = tiny_teacher(threshold=0.8).eval()
+    confident = torch.log(torch.tensor([0.9] + [0.1 / 9] * 9))
+    unsure = torch.log(torch.tensor([0.5] + [0.5 / 9] * 9))
+    teacher_logits = torch.stack([confident.roll(c) if c < 6 else unsure.roll(c) for c in range(12)])
+    monkeypatch.setattr(model, "forward", lambda x: teacher_logits)
+    batch = marked_batch()
+    _, parts, pseudo = model.training_losses(batch)
+    assert pseudo.mask.tolist() == [True] * 6 + [False] * 6
+    assert pseudo.classes.tolist() == list(range(12))[:10] + [0, 1]
+    student = model.student(batch["unlabeled"][0][1])
+    expected = F.cross_entropy(student[:6], torch.arange(6), reduction="sum") / 12
+    assert parts["unlabeled_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_doubly_robust_gives_each_sample_one_view_and_cancels_useless_pseudo_labels(monkeypatch):
+    """Teacher and student see the weak view of every sample, so with uniform pseudo-labels on
+    unlabeled samples that are copies of the labeled ones the loss is the labeled-only loss
+    exactly (with the student on strong unlabeled views it was off by -0.877 in such a case)."""
+    model = tiny_teacher(loss="doubly_robust", soft_targets=True).eval()
+    seen = spy_views(model, monkeypatch)
+    monkeypatch.setattr(model, "forward", lambda x: (seen["teacher"].append(x[:, 0, 0, 0].tolist()), torch.zeros(len(x), 10))[1])
+    loss, parts, pseudo = model.training_losses(marked_batch())
+    assert seen["teacher"] == seen["student"] == [[1.0] * 4 + [3.0] * 12]
+    assert torch.allclose(pseudo.targets, torch.full((12, 10), 0.1))
+    copies = marked_batch()
+    weak = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    copies["labeled"][0][0], copies["unlabeled"][0][0] = weak, weak.repeat(3, 1, 1, 1)
+    loss, parts, _ = model.training_losses(copies)
+    assert loss.item() == pytest.approx(parts["supervised_loss"].item(), rel=1e-5)
 
 
 def test_teacher_is_in_no_optimizer_group_and_follows_the_running_average():
@@ -204,7 +311,7 @@ def test_teacher_is_in_no_optimizer_group_and_follows_the_running_average():
         with torch.no_grad():
             model.head.weight.add_(torch.randn_like(model.head.weight))
         snapshots.append(model.head.weight.detach().clone())
-        model.ema.step(step, 10)
+        model.ema.step(step, lambda s: s / 10)
     assert torch.allclose(model.teacher_head.weight, torch.stack(snapshots).mean(0), atol=1e-6)
 
 
@@ -217,7 +324,7 @@ def test_teacher_predicts_in_eval_mode():
 
 def test_mean_teacher_needs_a_semi_supervised_datamodule():
     with pytest.raises(TypeError, match="labels_per_class"):
-        tiny_teacher().loss_terms(([torch.randn(2, 3, 8, 8)] * 2, torch.zeros(2, dtype=torch.long)))
+        tiny_teacher().training_losses(([torch.randn(2, 3, 8, 8)] * 2, torch.zeros(2, dtype=torch.long)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,6 +364,8 @@ def test_cli_run_logs_mask_rate_and_pseudo_label_accuracy_saves_the_split_and_te
     split = json.loads((tmp_path / "csv" / "version_0" / "few_label_split.json").read_text())
     assert split["labels_per_class"] == 5 and split["labeled_per_class"] == {str(c): 5 for c in range(10)}
     assert split["labeled_indices"] == cli.datamodule.labeled_indices.tolist()
+    # the doubly robust loss's labeled share n / (n + m) comes from the split, not the batches
+    assert cli.model.labeled_fraction == pytest.approx(50 / (50 + len(cli.datamodule.unlabeled_indices)))
     result = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     assert 0.0 <= result[0]["test/acc"] <= 1.0
 
@@ -286,10 +395,10 @@ def test_pre_labeled_pool_trains_the_student_on_the_given_targets():
     views, hidden, given = batch["unlabeled"]
     assert given.shape == (12, 10) and hidden.shape == (12,)
     model = tiny_teacher(threshold=0.99).eval()  # eval: BatchNorm does not depend on the batch's composition
-    _, unlabeled_loss, pseudo = model.loss_terms(batch)  # the threshold does not re-filter a pre-labeled pool
+    _, parts, pseudo = model.training_losses(batch)  # the threshold does not re-filter a pre-labeled pool
     assert pseudo.mask.all() and torch.equal(pseudo.targets, given)
     student = model.student(views[1])
-    assert unlabeled_loss.item() == pytest.approx(soft_cross_entropy(student, given).mean().item(), rel=1e-4)
+    assert parts["unlabeled_loss"].item() == pytest.approx(soft_cross_entropy(student, given).mean().item(), rel=1e-4)
     with pytest.raises(ValueError, match="pool of"):
         data.set_pseudo_labels(targets[:-1], np.arange(3))
 
@@ -336,6 +445,39 @@ def test_noisy_student_command_runs_every_round_with_a_larger_noised_student(tmp
     teacher = MeanTeacher.load_from_checkpoint(tmp_path / "round0" / "checkpoints" / "last.ckpt")
     assert student.hparams.backbone == "resnet34" and teacher.hparams.backbone == "resnet18"
     assert student.hparams.backbone_kwargs == {"drop_rate": 0.3} and student.backbone.drop_rate == 0.3
+
+
+def test_noisy_student_trains_the_student_on_the_selected_pseudo_labels(tmp_path, monkeypatch):
+    """The teacher's pool predictions are replaced by known ones: class 7 on even pool positions
+    (confidence 0.9), class 2 on odd ones (0.3). The round-1 student's unlabeled batches carry only
+    the selected samples' targets (one-hot 7), never online teacher labels."""
+    import ssl_kit.noisy_student as noisy_student
+    from conftest import REPO, TINY
+
+    def known_predictions(model, loader):
+        probs = torch.full((len(loader.dataset), 10), 0.7 / 9)
+        probs[:, 2] = 0.3
+        probs[::2] = 0.1 / 9
+        probs[::2, 7] = 0.9
+        return probs
+
+    batches = []
+    real = MeanTeacher.training_losses
+
+    def spy(self, batch):
+        if len(batch["unlabeled"]) == 3:
+            batches.append(batch["unlabeled"][2].clone())
+        return real(self, batch)
+
+    monkeypatch.setattr(noisy_student, "predict", known_predictions)
+    monkeypatch.setattr(MeanTeacher, "training_losses", spy)
+    noisy_student.main([
+        "--config", str(REPO / "configs" / "mean_teacher_digits.yaml"), "--rounds", "1", "--root", str(tmp_path),
+        "--threshold", "0.5", "--no_balance", *TINY, "--data.batch_size", "4", "--trainer.max_epochs", "1",
+    ])  # fmt: skip
+    assert len(batches) == 2  # round 0 (online teacher) has no fixed targets; round 1's two batches do
+    for targets in batches:
+        assert torch.equal(targets, F.one_hot(torch.full((len(targets),), 7), 10).float())
 
 
 def test_export_of_a_self_training_checkpoint_is_the_teacher(tmp_path):

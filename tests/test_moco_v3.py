@@ -69,11 +69,52 @@ def test_symmetric_infonce_is_sum_of_crossed_terms_and_keys_get_no_gradient():
 
 
 # --------------------------------------------------------------------------------------------
+# heads and position embeddings as the official builder (MoCo_ResNet, MoCo_ViT)
+# --------------------------------------------------------------------------------------------
+def layers_of(head: nn.Module) -> list[nn.Module]:
+    return [m for m in head.modules() if isinstance(m, (nn.Linear, nn.BatchNorm1d, nn.ReLU))]
+
+
+@pytest.mark.parametrize(
+    "backbone, projector_linears, predictor_last_bn", [("resnet18", 2, False), ("vit_tiny_patch16_224", 3, True)]
+)
+def test_heads_follow_the_official_builder(backbone, projector_linears, predictor_last_bn):
+    """ResNet: 2-layer projector, predictor without the last BN; ViT: 3-layer projector, predictor
+    with it. Every Linear without bias, hidden blocks Linear-BN-ReLU, the projector's last BN
+    without affine parameters."""
+    model = MoCoV3(backbone=backbone, image_size=8, **SMALL_HEADS)
+    for head, linears, last_bn in [(model.projector, projector_linears, True), (model.predictor, 2, predictor_last_bn)]:
+        layers = layers_of(head)
+        kinds = [type(m).__name__ for m in layers]
+        hidden = ["Linear", "BatchNorm1d", "ReLU"] * (linears - 1)
+        assert kinds == hidden + (["Linear", "BatchNorm1d"] if last_bn else ["Linear"])
+        assert all(m.bias is None for m in layers if isinstance(m, nn.Linear))
+        if last_bn:
+            assert not layers[-1].affine
+    assert layers_of(model.projector)[-2].out_features == 16 and layers_of(model.predictor)[0].in_features == 16
+
+
+def test_vit_position_embeddings_are_fixed_2d_sincos_in_both_encoders():
+    from ssl_kit.models.patches import sincos_grid
+
+    model = MoCoV3(backbone="vit_tiny_patch16_224", image_size=8, **SMALL_HEADS)
+    pos = model.backbone.pos_embed
+    assert not pos.requires_grad and not pos[0, 0].any()
+    assert torch.equal(pos[0, 1:], sincos_grid(pos.shape[-1], (2, 2)))
+    assert torch.equal(model.momentum_backbone.pos_embed, pos)
+    optimised = {id(p) for group in optimizer_of(model).param_groups for p in group["params"]}
+    assert id(pos) not in optimised
+    assert MoCoV3(backbone="vit_tiny_patch16_224", image_size=8, fixed_pos_embed=False, **SMALL_HEADS).backbone.pos_embed.requires_grad
+
+
+# --------------------------------------------------------------------------------------------
 # momentum encoder: no gradients, not optimised
 # --------------------------------------------------------------------------------------------
 def optimizer_of(model: MoCoV3, total_steps: int = 10) -> torch.optim.Optimizer:
-    """``configure_optimizers`` with the two trainer attributes it reads."""
-    model._trainer = SimpleNamespace(estimated_stepping_batches=total_steps, max_epochs=1)
+    """``configure_optimizers`` with the trainer attributes its budget reads (one epoch of ``total_steps``)."""
+    model._trainer = SimpleNamespace(
+        estimated_stepping_batches=total_steps, train_dataloader=[], num_training_batches=total_steps, accumulate_grad_batches=1
+    )
     try:
         return model.configure_optimizers()["optimizer"]
     finally:
@@ -118,11 +159,16 @@ def test_momentum_encoder_gets_no_gradient_and_is_in_no_optimizer_group(backbone
 # momentum schedule and one EMA update per optimizer step
 # --------------------------------------------------------------------------------------------
 def test_cosine_momentum_schedule_values():
-    assert momentum_at(0, 100, 0.99, 1.0, "cosine") == pytest.approx(0.99)
-    assert momentum_at(25, 100, 0.99, 1.0, "cosine") == pytest.approx(1 - 0.01 * (1 + math.cos(math.pi / 4)) / 2)
-    assert momentum_at(50, 100, 0.99, 1.0, "cosine") == pytest.approx(0.995)
-    assert momentum_at(100, 100, 0.99, 1.0, "cosine") == pytest.approx(1.0)
-    assert momentum_at(150, 100, 0.99, 1.0, "cosine") == pytest.approx(1.0)
+    assert momentum_at(0, 0 / 100, 0.99, 1.0, "cosine") == pytest.approx(0.99)
+    assert momentum_at(25, 25 / 100, 0.99, 1.0, "cosine") == pytest.approx(1 - 0.01 * (1 + math.cos(math.pi / 4)) / 2)
+    assert momentum_at(50, 50 / 100, 0.99, 1.0, "cosine") == pytest.approx(0.995)
+    assert momentum_at(100, 100 / 100, 0.99, 1.0, "cosine") == pytest.approx(1.0)
+    assert momentum_at(150, 150 / 100, 0.99, 1.0, "cosine") == pytest.approx(1.0)
+
+
+def ten_step_run(step: int) -> float:
+    """The run fraction of a 10-step run."""
+    return step / 10
 
 
 def test_ema_updater_moves_once_per_optimizer_step_with_the_formula():
@@ -134,22 +180,22 @@ def test_ema_updater_moves_once_per_optimizer_step_with_the_formula():
     o0 = {k: v.clone() for k, v in online.state_dict().items()}
 
     # gradient accumulation: a batch without an optimizer step (global_step still 0) does nothing
-    assert updater.step(0, 10) is False
+    assert updater.step(0, ten_step_run) is False
     assert all(torch.equal(target.state_dict()[k], t0[k]) for k in t0)
 
-    assert updater.step(1, 10) is True  # first optimizer step: momentum of step 0 = base
+    assert updater.step(1, ten_step_run) is True  # first optimizer step: momentum of step 0 = base
     assert updater.momentum == pytest.approx(0.9)
     for k in t0:
         assert torch.allclose(target.state_dict()[k], 0.9 * t0[k] + 0.1 * o0[k], atol=1e-7)
     t1 = {k: v.clone() for k, v in target.state_dict().items()}
 
-    assert updater.step(1, 10) is False  # second micro-batch of the same optimizer step
+    assert updater.step(1, ten_step_run) is False  # second micro-batch of the same optimizer step
     assert all(torch.equal(target.state_dict()[k], t1[k]) for k in t1)
 
     with torch.no_grad():
         online.weight.add_(1.0)
-    assert updater.step(2, 10) is True
-    m = momentum_at(1, 10, 0.9, 1.0, "cosine")
+    assert updater.step(2, ten_step_run) is True
+    m = momentum_at(1, 1 / 10, 0.9, 1.0, "cosine")
     assert updater.momentum == pytest.approx(m) and 0.9 < m < 1.0
     assert torch.allclose(target.weight, m * t1["weight"] + (1 - m) * online.weight, atol=1e-7)
 
@@ -173,7 +219,7 @@ def test_cli_run_with_gradient_accumulation_updates_once_per_optimizer_step(tmp_
     pairs = len(cli.model.ema.pairs)
     assert len(calls) == 2 * pairs
     # the momentum of optimizer step s is momentum_at(s) along the run's 2 steps
-    assert calls[0] == pytest.approx(momentum_at(0, 2, 0.99, 1.0)) and calls[-1] == pytest.approx(momentum_at(1, 2, 0.99, 1.0))
+    assert calls[0] == pytest.approx(momentum_at(0, 0 / 2, 0.99, 1.0)) and calls[-1] == pytest.approx(momentum_at(1, 1 / 2, 0.99, 1.0))
     assert cli.model.ema.last_step == 2
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -70,3 +71,49 @@ def test_warmup_cosine_values():
     assert warmup_cosine(35, warmup, total, final_fraction=0.1) == pytest.approx(
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.25))
     )
+
+
+def configured_optimizer(model) -> torch.optim.Optimizer:
+    """``configure_optimizers`` outside a fit: a trainer of one 10-step epoch."""
+    model._trainer = SimpleNamespace(estimated_stepping_batches=10, train_dataloader=[], num_training_batches=10, accumulate_grad_batches=1)
+    try:
+        return model.configure_optimizers()["optimizer"]
+    finally:
+        model._trainer = None
+
+
+def test_lars_without_weight_decay_is_refused():
+    """lightly's LARS adapts only parameters with weight decay: at 0 it would silently be SGD."""
+    model = BarlowTwins(backbone="resnet18", image_size=8, optimizer="lars", weight_decay=0.0)
+    with pytest.raises(ValueError, match="lars.*weight_decay 0"):
+        configured_optimizer(model)
+
+
+def test_barlow_twins_trains_biases_and_norms_at_the_official_share_of_the_rate():
+    """Official Barlow Twins: weights at 0.2, biases and BatchNorm parameters at 0.0048 (x batch/256)."""
+    model = BarlowTwins(backbone="resnet18", image_size=8, lr=0.5, optimizer="lars", weight_decay=1.5e-6)
+    decay, no_decay, probe = configured_optimizer(model).param_groups
+    assert decay["initial_lr"] == 0.5 and no_decay["initial_lr"] == pytest.approx(0.5 * 0.0048 / 0.2)
+    assert no_decay["weight_decay"] == 0.0 and probe["initial_lr"] == model.hparams.probe_lr
+    assert all(p.ndim == 1 for p in no_decay["params"]) and all(p.ndim > 1 for p in decay["params"])
+    plain = BarlowTwins(backbone="resnet18", image_size=8, lr=0.5, bias_lr_scale=1.0)
+    assert configured_optimizer(plain).param_groups[1]["initial_lr"] == 0.5
+
+
+@pytest.mark.parametrize("world_size, device, converted", [(2, "cuda", True), (1, "cuda", False), (2, "cpu", False)])
+def test_barlow_twins_and_moco_v3_synchronise_batchnorm_under_ddp_on_gpus(world_size, device, converted):
+    """The official Barlow Twins and MoCo v3 convert to SyncBatchNorm; here on CUDA under DDP
+    (torch's SyncBatchNorm does not run on CPU gloo ranks). SimCLR keeps its BatchNorms."""
+    from ssl_kit.methods import MoCoV3, SimCLR
+
+    trainer = SimpleNamespace(world_size=world_size, strategy=SimpleNamespace(root_device=torch.device(device)))
+    for method, wanted in [(BarlowTwins, converted), (MoCoV3, converted), (SimCLR, False)]:
+        model = method(backbone="resnet18", image_size=8, projection_hidden_dim=16, projection_dim=8)
+        model._trainer = trainer
+        model.setup("fit")
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) == wanted for m in norms), method.__name__
+        if wanted:  # the EMA pairs still point at the model's own (converted) modules
+            for target, online in getattr(model, "ema", SimpleNamespace(pairs=[])).pairs:
+                assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in online.modules())
+                assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in target.modules())

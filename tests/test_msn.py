@@ -149,7 +149,9 @@ def test_prototypes_and_online_network_get_gradients_target_gets_none():
         assert not param.requires_grad and param.grad is None, name
 
 
-def test_target_view_is_never_masked_and_anchors_always_are(monkeypatch):
+def test_target_view_is_never_masked_and_only_the_global_anchors_are(monkeypatch):
+    """The official code drops patches on the global anchor views only; the focal (local) crops go
+    through the encoder whole: they are a masking of their own."""
     from ssl_kit.models.tokens import ImageViTTokens
 
     model = tiny_msn(mask_ratio=0.25)
@@ -172,12 +174,29 @@ def test_target_view_is_never_masked_and_anchors_always_are(monkeypatch):
     # the target branch: exactly the target view, every one of its 16 patch tokens plus the class token
     assert len(target_calls) == 1
     assert target_calls[0]["keep"] is None and target_calls[0]["rows"] == 6 and target_calls[0]["tokens"] == 1 + 16
-    # the online branch sees only anchors (1 global run of 6 rows, 1 local run of 3 x 6 rows), all masked
+    # the online branch sees only anchors: 1 global run of 6 rows, masked; 1 local run of 3 x 6 rows, whole
     assert [(c["size"], c["rows"]) for c in online_calls] == [(16, 6), (8, 18)]
-    for c in online_calls:
-        patches = (c["size"] // 4) ** 2
-        assert c["keep"] is not None and c["tokens"] == 1 + patches - round(0.25 * patches)
+    global_run, local_run = online_calls
+    assert global_run["keep"] is not None and global_run["tokens"] == 1 + 16 - round(0.25 * 16)
+    assert local_run["keep"] is None and local_run["tokens"] == 1 + 4
     assert model.backbone.patch_embed.patch_size == (4, 4)
+
+
+def test_gradient_clipping_clips_the_encoder_and_leaves_the_prototypes():
+    """Official MSN clips the encoder's gradient norm (backbone and projection head) to 3.0; the
+    prototypes keep their gradient."""
+    model = tiny_msn()
+    model.train()
+    loss, _ = model.training_loss(tiny_views())
+    loss.backward()
+    for p in [*model.backbone.parameters(), *model.projector.parameters(), model.prototypes.weight]:
+        if p.grad is not None:
+            p.grad.mul_(1e3)  # every norm far above the threshold
+    prototypes = model.prototypes.weight.grad.clone()
+    model.configure_gradient_clipping(None, gradient_clip_val=3.0, gradient_clip_algorithm="norm")
+    encoder = [p.grad for m in (model.backbone, model.projector) for p in m.parameters() if p.grad is not None]
+    assert torch.linalg.vector_norm(torch.stack([g.norm() for g in encoder])).item() == pytest.approx(3.0, rel=1e-4)
+    assert torch.equal(model.prototypes.weight.grad, prototypes) and prototypes.norm() > 3.0
 
 
 def test_ema_follows_the_linear_schedule_over_1_25_x_the_steps():
@@ -191,16 +210,16 @@ def test_ema_follows_the_linear_schedule_over_1_25_x_the_steps():
     with torch.no_grad():
         online[name].add_(1.0)  # the online weights moved by exactly 1 since the target copy
     ema.start(0)
-    assert ema.step(0, total) is False  # no optimizer step yet: nothing moves
+    assert ema.step(0, lambda s: s / total) is False  # no optimizer step yet: nothing moves
     assert torch.allclose(online[name] - target[name], torch.ones_like(target[name]), atol=1e-6)
     expected = {1: 0.996, 26: 0.996 + 0.004 * 25 / 125, 51: 0.9976, 101: 0.996 + 0.004 * 100 / 125, 126: 1.0, 200: 1.0}
     gap = 1.0
     for step, momentum in expected.items():
-        assert ema.step(step, total) is True
+        assert ema.step(step, lambda s: s / total) is True
         assert ema.momentum == pytest.approx(momentum, abs=1e-12)
         gap *= momentum  # target <- m target + (1 - m) online shrinks the gap by m
         assert torch.allclose(online[name] - target[name], torch.full_like(target[name], gap), atol=1e-5)
-    assert ema.step(200, total) is False
+    assert ema.step(200, lambda s: s / total) is False
 
 
 @pytest.mark.parametrize("config", ["msn_digits.yaml", "msn_mnist.yaml", "msn_cifar10.yaml", "msn_imagefolder.yaml"])
@@ -395,7 +414,7 @@ def test_cli_run_trains_prototypes_without_weight_decay_and_steps_the_ema(digits
     total = int(trainer.estimated_stepping_batches)
     assert trainer.global_step == total == EPOCHS * 17
     assert model.ema.last_step == trainer.global_step
-    assert model.ema.momentum == pytest.approx(momentum_at(total - 1, int(1.25 * total), 0.996, 1.0, "linear"))
+    assert model.ema.momentum == pytest.approx(momentum_at(total - 1, (total - 1) / total / 1.25, 0.996, 1.0, "linear"))
     # the target moved away from its initial copy, but not all the way to the online network
     online, target = model.backbone.blocks[0].attn.qkv.weight, model.target_backbone.blocks[0].attn.qkv.weight
     initial = digits_run["random_model"].target_backbone.blocks[0].attn.qkv.weight

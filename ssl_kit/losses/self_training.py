@@ -52,13 +52,21 @@ class ThresholdedPseudoLabelLoss(nn.Module):
 
 
 class DoublyRobustLoss(nn.Module):
-    """``CE_lab(y) + weight * [ (1/(n+m)) sum_all CE(yhat) - (1/n) sum_lab CE(yhat) ]``.
+    """The doubly robust loss of Zhu et al. (2023) as their released code computes it, with
+    pseudo-labels ``yhat`` on all ``n`` labeled and ``m`` unlabeled samples:
 
-    At ``weight = 1`` this is the doubly robust loss of Zhu et al. (2023) with pseudo-labels ``yhat``
-    on all ``n`` labeled and ``m`` unlabeled samples: when ``yhat`` carries no information it equals
-    labeled-only training in expectation (the two pseudo-label terms cancel), and when ``yhat`` is
-    right it is the loss on all the data. ``weight`` < 1 is the progress ramp of the released code:
-    it trusts the pseudo-labels gradually, starting from the labeled-only loss.
+    ``(1/(n+m)) sum_all CE(yhat) + w * (1/n) sum_lab [CE(y) - CE(yhat)]``.
+
+    At ``w = 1``: when ``yhat`` carries no information it equals labeled-only training in
+    expectation (the two pseudo-label terms cancel), and when ``yhat`` is right it is the loss on
+    all the data. ``w`` (``correction_weight``) is the released code's ramp of the correction from
+    0 to 1 over training: it starts as pseudo-label training on all the data.
+
+    ``labeled_fraction`` is ``n / (n + m)`` of the *dataset*. Batches oversample the labeled rows,
+    so the all-data mean is the batch's labeled and unlabeled means weighted by it; None weights
+    them by the batch's own counts (the released code's per-batch form). Each sample must have one
+    student output in every term (the same view), or with useless pseudo-labels the terms no
+    longer cancel.
     """
 
     def forward(
@@ -68,15 +76,13 @@ class DoublyRobustLoss(nn.Module):
         labeled_targets: Tensor,
         unlabeled_logits: Tensor,
         unlabeled_targets: Tensor,
-        weight: float = 1.0,
+        correction_weight: float = 1.0,
+        labeled_fraction: float | None = None,
     ) -> Tensor:
-        supervised = F.cross_entropy(labeled_logits.float(), labels)
-        return supervised + weight * self.pseudo_label_term(labeled_logits, labeled_targets, unlabeled_logits, unlabeled_targets)
-
-    @staticmethod
-    def pseudo_label_term(labeled_logits: Tensor, labeled_targets: Tensor, unlabeled_logits: Tensor, unlabeled_targets: Tensor) -> Tensor:
-        """``(1/(n+m)) sum_all CE(yhat) - (1/n) sum_lab CE(yhat)``: the part the ramp weights."""
-        labeled_pseudo = soft_cross_entropy(labeled_logits, labeled_targets)
-        unlabeled_pseudo = soft_cross_entropy(unlabeled_logits, unlabeled_targets)
-        all_pseudo = (labeled_pseudo.sum() + unlabeled_pseudo.sum()) / (labeled_pseudo.numel() + unlabeled_pseudo.numel())
-        return all_pseudo - labeled_pseudo.mean()
+        labeled_pseudo = soft_cross_entropy(labeled_logits, labeled_targets).mean()
+        unlabeled_pseudo = soft_cross_entropy(unlabeled_logits, unlabeled_targets).mean()
+        n, m = labeled_logits.shape[0], unlabeled_logits.shape[0]
+        share = n / (n + m) if labeled_fraction is None else labeled_fraction
+        all_pseudo = share * labeled_pseudo + (1 - share) * unlabeled_pseudo
+        correction = F.cross_entropy(labeled_logits.float(), labels) - labeled_pseudo
+        return all_pseudo + correction_weight * correction

@@ -12,7 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ssl_kit.evaluation import knn_predict
 from ssl_kit.models.backbones import backbone_spec, build_from_spec
-from ssl_kit.optim import OptimizerName, build_optimizer, decay_groups, warmup_cosine_config
+from ssl_kit.optim import OptimizerName, TrainingBudget, build_optimizer, decay_groups, warmup_cosine_config
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -38,6 +38,10 @@ class BackboneModule(L.LightningModule):
 
     #: Whether ResNets' residual branches start at zero (see ``backbone_spec``); ``backbone_kwargs`` overrides.
     zero_init_last = False
+    #: Whether BatchNorm statistics span every rank under DDP (the official Barlow Twins and MoCo v3
+    #: convert their models to SyncBatchNorm). Applied on CUDA, where torch's SyncBatchNorm runs;
+    #: ``--trainer.sync_batchnorm true`` does it for any method.
+    sync_batchnorm = False
 
     def __init__(
         self,
@@ -63,6 +67,7 @@ class BackboneModule(L.LightningModule):
         self.backbone_spec = backbone_spec(backbone, image_size, small_image, backbone_kwargs, self.zero_init_last)
         self.backbone = build_from_spec(self.backbone_spec)
         self.feature_dim: int = self.backbone.num_features
+        self._budget: TrainingBudget | None = None
 
     def forward(self, images: Tensor) -> Tensor:
         return self.backbone(images)
@@ -70,6 +75,10 @@ class BackboneModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
+        self._budget = None  # a new fit, a new budget
+        trainer = self.trainer
+        if self.sync_batchnorm and trainer.world_size > 1 and trainer.strategy.root_device.type == "cuda":
+            nn.SyncBatchNorm.convert_sync_batchnorm(self)  # in place: only the BatchNorm leaves are replaced
         if self.hparams.channels_last:
             for module in self.modules():
                 if isinstance(module, nn.Conv2d):
@@ -92,6 +101,17 @@ class BackboneModule(L.LightningModule):
             )
 
     # -- optimisation ----------------------------------------------------------------------
+    @property
+    def budget(self) -> TrainingBudget:
+        """The current fit's budget (steps, epochs or wall-clock), which every schedule follows."""
+        if self._budget is None or self._budget.trainer is not self.trainer:
+            self._budget = TrainingBudget(self.trainer)
+        return self._budget
+
+    def run_fraction(self, step: int) -> float:
+        """How far through its budget the run is at optimizer step ``step`` (0 to 1)."""
+        return self.budget.fraction(step)
+
     def trained_modules(self) -> list[nn.Module]:
         """Modules in the weight-decay / no-decay groups at the base learning rate."""
         return list(self.children())
@@ -100,11 +120,20 @@ class BackboneModule(L.LightningModule):
         """Further optimizer groups with their own settings (e.g. the online probe)."""
         return []
 
+    def param_groups(self) -> list[dict]:
+        """The optimizer's groups: ``trained_modules`` with and without weight decay, then the extra ones."""
+        return decay_groups(self.trained_modules(), self.hparams.weight_decay) + self.extra_param_groups()
+
     def configure_optimizers(self):
         hp = self.hparams
-        groups = decay_groups(self.trained_modules(), hp.weight_decay) + self.extra_param_groups()
+        if hp.optimizer == "lars" and hp.weight_decay == 0:
+            raise ValueError(
+                "--model.optimizer lars with --model.weight_decay 0: lightly's LARS adapts only parameters with weight "
+                "decay, so every step would be plain SGD. Give a weight decay (Barlow Twins: 1.5e-6) or use sgd."
+            )
+        groups = self.param_groups()
         optimizer = build_optimizer(hp.optimizer, groups, hp.lr, hp.momentum, hp.betas, hp.nesterov, hp.fused_optimizer)
-        return warmup_cosine_config(optimizer, self.trainer, hp.warmup_epochs, hp.min_lr_fraction)
+        return warmup_cosine_config(optimizer, self.trainer, hp.warmup_epochs, hp.min_lr_fraction, self.budget)
 
 
 class SSLMethod(BackboneModule):

@@ -189,7 +189,9 @@ class MAE(SSLMethod):
             heads=decoder_heads,
             mlp_ratio=decoder_mlp_ratio,
         )
-        self.criterion = MaskedReconstructionLoss(norm_pix_loss=norm_pix_loss)
+        # VideoMAE standardises each channel of a tubelet; image and spectrogram MAE the whole patch
+        norm_channels = self.patches.in_channels if self.patches.has_time else None
+        self.criterion = MaskedReconstructionLoss(norm_pix_loss=norm_pix_loss, norm_channels=norm_channels)
         self._figure_inputs: Tensor | None = None
 
     # -- the method ------------------------------------------------------------------------
@@ -221,7 +223,7 @@ class MAE(SSLMethod):
         target = self.patches.patchify(inputs)
         pred = self.decoder(self.encode(inputs, token_mask), token_mask)
         if self.criterion.norm_pix_loss:
-            mean, std = patch_moments(target, self.criterion.eps)
+            mean, std = patch_moments(target, self.criterion.eps, self.criterion.norm_channels)
             pred = pred * std + mean
         return self.patches.unpatchify(torch.where(token_mask.mask.unsqueeze(-1), pred, target))
 

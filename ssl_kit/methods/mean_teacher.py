@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ssl_kit.export import backbone_from_checkpoint
 from ssl_kit.losses.self_training import DoublyRobustLoss, PseudoLabels, ThresholdedPseudoLabelLoss, pseudo_labels
 from ssl_kit.methods.base import BackboneModule
-from ssl_kit.methods.momentum import EMAUpdater, MomentumSchedule, frozen_copy
+from ssl_kit.methods.momentum import EMAUpdater, MomentumSchedule, MomentumTargets, frozen_copy
 from ssl_kit.models.backbones import build_from_spec
 
 Batch = dict[str, tuple[list[Tensor], Tensor]]
@@ -51,19 +51,22 @@ def rampup(progress: float, length: float) -> float:
     return math.exp(-5.0 * (1.0 - progress / length) ** 2)
 
 
-class MeanTeacher(BackboneModule):
+class MeanTeacher(MomentumTargets, BackboneModule):
     """Student (backbone + linear head) and its EMA teacher, trained on a semi-supervised batch
     ``{"labeled": ([weak, strong], labels), "unlabeled": ([weak, strong], hidden labels)}`` (an
     ``SSLDataModule`` with ``labels_per_class`` or ``label_fraction`` and ``WeakStrongViews``).
 
-    Each step: the teacher (eval mode, no gradient) labels the weak unlabeled views; the student
-    sees the weak labeled and strong unlabeled views in one pass. ``loss: fixmatch`` is
-    ``CE(labeled) + w(t) * mean(1[conf >= threshold] * CE(strong, pseudo-label))``;
-    ``loss: doubly_robust`` is ``DoublyRobustLoss`` with pseudo-labels on both parts and no threshold.
+    ``loss: fixmatch``: each step the teacher (eval mode, no gradient) labels the weak unlabeled
+    views; the student sees the weak labeled and strong unlabeled views in one pass; the loss is
+    ``CE(labeled) + w(t) * mean(1[conf >= threshold] * CE(strong, pseudo-label))`` with ``w(t)``
+    ``unlabeled_weight`` times the sigmoid ramp-up over the first ``rampup`` of the run.
+    ``loss: doubly_robust``: ``DoublyRobustLoss`` (Zhu et al. 2023, as their released code) on the
+    weak view of every sample, pseudo-labels on labeled and unlabeled samples alike, no threshold,
+    the all-data term weighted by the split's labeled share ``n / (n + m)`` and the correction
+    ramped in linearly over the first ``rampup`` of the run (``unlabeled_weight`` is not used).
     Pseudo-labels are hard (argmax) or, with ``soft_targets``, the teacher's softmax at
-    ``target_temperature``. ``w(t)`` is ``unlabeled_weight`` times the sigmoid ramp-up over the
-    first ``rampup`` fraction of the optimizer steps. The hidden labels of the unlabeled samples
-    are used only to log the pseudo-label accuracy.
+    ``target_temperature``. The hidden labels of the unlabeled samples are used only to log the
+    pseudo-label accuracy.
 
     The teacher follows the student by the shared ``EMAUpdater`` (``running_average``: the mean of
     all students until ``1 - 1/(t+1)`` reaches ``ema_momentum``). Validation reports the teacher's
@@ -118,6 +121,9 @@ class MeanTeacher(BackboneModule):
             schedule=ema_schedule,
         )
         self.unlabeled_criterion = ThresholdedPseudoLabelLoss()
+        self.doubly_robust = DoublyRobustLoss()
+        #: n / (n + m) of the few-label split, read from the DataModule when fitting (None: the batch's share)
+        self.labeled_fraction: float | None = None
         self.teacher_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.student_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
@@ -141,12 +147,24 @@ class MeanTeacher(BackboneModule):
         return [self.backbone, self.head]
 
     # -- training ----------------------------------------------------------------------------
-    def unlabeled_weight_now(self) -> float:
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        return self.hparams.unlabeled_weight * rampup(self.global_step / total, self.hparams.rampup)
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        data = getattr(self.trainer, "datamodule", None)
+        labeled, unlabeled = getattr(data, "labeled_indices", None), getattr(data, "unlabeled_indices", None)
+        if labeled is not None and unlabeled is not None:
+            self.labeled_fraction = len(labeled) / (len(labeled) + len(unlabeled))
 
-    def loss_terms(self, batch: Batch) -> tuple[Tensor, Tensor, PseudoLabels]:
-        """Supervised loss, unlabeled loss (before the ramp weight) and the unlabeled pseudo-labels.
+    def unlabeled_weight_now(self) -> float:
+        """FixMatch's weight of the unlabeled loss: ``unlabeled_weight`` times the sigmoid ramp-up."""
+        return self.hparams.unlabeled_weight * rampup(self.run_fraction(self.global_step), self.hparams.rampup)
+
+    def correction_weight_now(self) -> float:
+        """The doubly robust correction's weight: linear from 0 to 1 over the first ``rampup`` of the run."""
+        length = self.hparams.rampup
+        return 1.0 if length <= 0 else min(1.0, self.run_fraction(self.global_step) / length)
+
+    def training_losses(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor | float], PseudoLabels]:
+        """The loss, its parts (for the log) and the unlabeled samples' pseudo-labels.
 
         The unlabeled part is ``(views, hidden labels)``, labeled online by the EMA teacher, or
         ``(views, hidden labels, targets)`` for a pool labeled once by a previous model (Noisy Student)."""
@@ -156,57 +174,56 @@ class MeanTeacher(BackboneModule):
                 "--data.labels_per_class N (or --data.label_fraction F) and WeakStrongViews"
             )
         (labeled_views, labels), (unlabeled_views, _, *fixed_targets) = batch["labeled"], batch["unlabeled"]
-        weak_labeled, (weak_unlabeled, strong_unlabeled) = labeled_views[0], unlabeled_views[:2]
+        if self.hparams.loss == "doubly_robust":
+            if fixed_targets:
+                raise ValueError("the doubly robust loss labels the labeled part too; pre-labeled pools need loss: fixmatch")
+            return self.doubly_robust_losses(labeled_views, labels, unlabeled_views)
         hp = self.hparams
+        weak_labeled, (weak_unlabeled, strong_unlabeled) = labeled_views[0], unlabeled_views[:2]
         logits = self.student(torch.cat([weak_labeled, strong_unlabeled]))
         labeled_logits, unlabeled_logits = logits.split([weak_labeled.shape[0], strong_unlabeled.shape[0]])
         supervised = F.cross_entropy(labeled_logits.float(), labels)
-
-        if hp.loss == "doubly_robust":  # pseudo-labels on both parts, no threshold
-            if fixed_targets:
-                raise ValueError("the doubly robust loss labels the labeled part too; pre-labeled pools need loss: fixmatch")
-            with torch.no_grad():
-                targets = pseudo_labels(self(torch.cat([weak_labeled, weak_unlabeled])), 0.0, hp.soft_targets, hp.target_temperature)
-            n = weak_labeled.shape[0]
-            unlabeled = targets.rows(slice(n, None))
-            term = DoublyRobustLoss.pseudo_label_term(labeled_logits, targets.targets[:n], unlabeled_logits, unlabeled.targets)
-            return supervised, term, unlabeled
-
         if fixed_targets:
             targets = fixed_targets[0]
             confidence, classes = targets.max(dim=1)
-            unlabeled = PseudoLabels(targets, torch.ones_like(classes, dtype=torch.bool), classes, confidence)
+            pseudo = PseudoLabels(targets, torch.ones_like(classes, dtype=torch.bool), classes, confidence)
         else:
             with torch.no_grad():
-                unlabeled = pseudo_labels(self(weak_unlabeled), hp.threshold, hp.soft_targets, hp.target_temperature)
-        return supervised, self.unlabeled_criterion(unlabeled_logits, unlabeled), unlabeled
+                pseudo = pseudo_labels(self(weak_unlabeled), hp.threshold, hp.soft_targets, hp.target_temperature)
+        unlabeled = self.unlabeled_criterion(unlabeled_logits, pseudo)
+        weight = self.unlabeled_weight_now()
+        parts = {"supervised_loss": supervised, "unlabeled_loss": unlabeled, "unlabeled_weight": weight}
+        return supervised + weight * unlabeled, parts, pseudo
+
+    def doubly_robust_losses(self, labeled_views: list[Tensor], labels: Tensor, unlabeled_views: list[Tensor]):
+        """``DoublyRobustLoss`` on the weak view of every sample: the teacher labels it (no
+        threshold) and the student learns on it, one output per sample in every term, as the
+        released code trains on one augmented input per sample. (Strong views for the student
+        instead, on the digits as in the learning test: val teacher 0.342 vs 0.829.)"""
+        hp = self.hparams
+        weak_labeled, weak_unlabeled = labeled_views[0], unlabeled_views[0]
+        n = weak_labeled.shape[0]
+        inputs = torch.cat([weak_labeled, weak_unlabeled])
+        logits = self.student(inputs)
+        with torch.no_grad():
+            targets = pseudo_labels(self(inputs), 0.0, hp.soft_targets, hp.target_temperature)
+        pseudo = targets.rows(slice(n, None))
+        weight = self.correction_weight_now()
+        loss = self.doubly_robust(logits[:n], labels, targets.targets[:n], logits[n:], pseudo.targets, weight, self.labeled_fraction)
+        parts = {"supervised_loss": F.cross_entropy(logits[:n].float(), labels), "correction_weight": weight}
+        return loss, parts, pseudo
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        supervised, unlabeled_loss, pseudo = self.loss_terms(batch)
-        weight = self.unlabeled_weight_now()
-        loss = supervised + weight * unlabeled_loss
+        loss, parts, pseudo = self.training_losses(batch)
         self.stop_if_not_finite(loss)
         self.log("train/loss", loss, prog_bar=True)
-        self.log_dict(
-            {
-                "train/supervised_loss": supervised,
-                "train/unlabeled_loss": unlabeled_loss,
-                "train/unlabeled_weight": weight,
-                "train/mask_rate": pseudo.mask.float().mean(),
-            }
-        )
+        self.log_dict({f"train/{name}": value for name, value in parts.items()})
+        self.log("train/mask_rate", pseudo.mask.float().mean())
         hidden = batch["unlabeled"][1]
         known = pseudo.mask & (hidden >= 0)
         if known.any():
             self.log("train/pseudo_label_acc", (pseudo.classes[known] == hidden[known]).float().mean())
         return loss
-
-    def on_train_start(self) -> None:
-        self.ema.start(self.trainer.global_step)
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.ema.step(self.trainer.global_step, int(self.trainer.estimated_stepping_batches)):
-            self.log("train/ema_momentum", self.ema.momentum)
 
     # -- evaluation --------------------------------------------------------------------------
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -1,14 +1,16 @@
 """Exponential moving averages of networks (momentum encoders, EMA targets, mean teachers).
 
-The momentum follows a schedule of the *optimizer* step (``trainer.global_step``), and the
-average moves only when that step advanced, so gradient accumulation does not update the
-target more than once per optimizer step.
+The momentum follows the run's progress through its budget (optimizer steps, epochs or
+wall-clock: ``BackboneModule.run_fraction``), read at the *optimizer* step
+(``trainer.global_step``), and the average moves only when that step advanced, so gradient
+accumulation does not update the target more than once per optimizer step.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -17,13 +19,14 @@ from torch import nn
 MomentumSchedule = Literal["cosine", "linear", "constant", "running_average"]
 
 
-def momentum_at(step: int, total_steps: int, base: float, final: float = 1.0, schedule: MomentumSchedule = "cosine") -> float:
-    """Momentum after ``step`` of ``total_steps``: ``base`` at 0, ``final`` at the end (and beyond).
+def momentum_at(step: int, progress: float, base: float, final: float = 1.0, schedule: MomentumSchedule = "cosine") -> float:
+    """Momentum after optimizer ``step``, ``progress`` (0 to 1) of the way through the schedule:
+    ``base`` at 0, ``final`` at 1 (and beyond).
 
     ``running_average`` (Mean Teacher) is ``min(1 - 1 / (step + 1), base)``: the target is the
     plain average of all online weights so far until that reaches ``base``, so an early teacher is
     not stuck near its random initialisation."""
-    progress = min(1.0, step / max(1, total_steps))
+    progress = min(1.0, max(0.0, progress))
     if schedule == "constant":
         return base
     if schedule == "running_average":
@@ -54,9 +57,10 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
 class EMAUpdater:
     """Moves ``pairs`` of (target, online) modules once per optimizer step along a momentum schedule.
 
-    ``horizon`` stretches the schedule (MSN: 1.25 x total steps). Call ``start(global_step)`` from
+    ``horizon`` stretches the schedule (MSN: 1.25 x the run). Call ``start(global_step)`` from
     ``on_train_start`` (it also marks where a resumed run continues) and ``step(global_step,
-    total_steps)`` from ``on_train_batch_end``; calls that see no new optimizer step do nothing.
+    run_fraction)`` from ``on_train_batch_end`` (``MomentumTargets`` does both); calls that see no
+    new optimizer step do nothing.
     """
 
     def __init__(
@@ -75,13 +79,29 @@ class EMAUpdater:
     def start(self, global_step: int) -> None:
         self.last_step = global_step
 
-    def step(self, global_step: int, total_steps: int) -> bool:
-        """Updates the targets if ``global_step`` advanced since the last update; returns whether it did."""
+    def step(self, global_step: int, run_fraction: Callable[[int], float]) -> bool:
+        """Updates the targets if ``global_step`` advanced since the last update; returns whether it
+        did. ``run_fraction(step)`` is how far through its budget the run is at ``step``."""
         if global_step == self.last_step:
             return False
         # global_step already counts the optimizer step just taken; the momentum for it is that of step - 1.
-        self.momentum = momentum_at(global_step - 1, int(total_steps * self.horizon), self.base, self.final, self.schedule)
+        step = global_step - 1
+        self.momentum = momentum_at(step, run_fraction(step) / self.horizon, self.base, self.final, self.schedule)
         for target, online in self.pairs:
             ema_update(target, online, self.momentum)
         self.last_step = global_step
         return True
+
+
+class MomentumTargets:
+    """LightningModule mixin for methods with EMA targets in ``self.ema`` (an ``EMAUpdater``): starts
+    it when training starts and moves it after each optimizer step, logging the momentum."""
+
+    ema: EMAUpdater
+
+    def on_train_start(self) -> None:
+        self.ema.start(self.trainer.global_step)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema.step(self.trainer.global_step, self.run_fraction):
+            self.log("train/ema_momentum", self.ema.momentum)

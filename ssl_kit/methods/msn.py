@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ssl_kit.losses.msn import MSNLoss
 from ssl_kit.methods.base import SSLMethod
-from ssl_kit.methods.momentum import EMAUpdater, frozen_copy
+from ssl_kit.methods.momentum import EMAUpdater, MomentumTargets, frozen_copy
 from ssl_kit.models.masking import random_token_mask
 from ssl_kit.models.tokens import ImageViTTokens, PatchTokens, patch_tokens
 
@@ -29,11 +29,12 @@ def same_size_runs(views: list[Tensor]) -> Iterator[list[Tensor]]:
         yield run
 
 
-class MSN(SSLMethod):
+class MSN(MomentumTargets, SSLMethod):
     """View 0 is the target (global, never masked) and goes through the EMA target encoder and
     projector; views 1.. are anchors (e.g. the second global view and the local crops of
-    ``ImageViews(num_views=2, local_views=K)``), each with ``mask_ratio`` of its patch tokens
-    dropped (class token kept) before the online ViT.
+    ``ImageViews(num_views=2, local_views=K)``). The global anchor views drop ``mask_ratio`` of
+    their patch tokens (class token kept) before the online ViT; the local crops are not masked
+    (the official code's patch drop; the focal crops are themselves the masking).
 
     * Projector: lightly's ``MSNProjectionHead`` (Linear-BN-GELU x 2, Linear to ``projection_dim``),
       applied to all anchors together, so its BatchNorm sees every anchor view.
@@ -47,6 +48,8 @@ class MSN(SSLMethod):
     * Online probe: the online backbone's pooled feature of the first anchor view (masked). It
       costs no extra forward; an unmasked pass of the target view through the online backbone
       would match the evaluation input better but costs a full forward per step.
+    * Gradient clipping (``--trainer.gradient_clip_val``, 3.0 in the configs) clips the encoder,
+      backbone and projector, and leaves the prototypes alone, as the official code does.
     * Not included: the paper's weight-decay ramp 0.04 -> 0.4 (weight decay is constant here).
     """
 
@@ -92,12 +95,16 @@ class MSN(SSLMethod):
         return self.target_projector(self.target_patches.pooled(self.target_patches.tokens(view)))
 
     def anchor_features(self, views: list[Tensor]) -> Tensor:
-        """Pooled online-backbone features of the masked anchor views, view-major (V * B, F)."""
+        """Pooled online-backbone features of the anchor views, view-major (V * B, F). Only the
+        first run of same-size anchors (the global anchor views) drops ``mask_ratio`` of its patch
+        tokens, as in the official code: the smaller focal crops are a masking of their own."""
         pooled = []
-        for run in same_size_runs(views):
+        for index, run in enumerate(same_size_runs(views)):
             inputs = torch.cat(run)
-            mask = random_token_mask(inputs.shape[0], self.patches.num_tokens(inputs), self.hparams.mask_ratio, inputs.device)
-            pooled.append(self.patches.pooled(self.patches.tokens(inputs, keep=mask.keep)))
+            keep = None
+            if index == 0 and self.hparams.mask_ratio > 0:
+                keep = random_token_mask(inputs.shape[0], self.patches.num_tokens(inputs), self.hparams.mask_ratio, inputs.device).keep
+            pooled.append(self.patches.pooled(self.patches.tokens(inputs, keep=keep)))
         return torch.cat(pooled)
 
     def training_loss(self, views: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -109,20 +116,22 @@ class MSN(SSLMethod):
         loss = self.criterion(anchors, targets, self.prototypes.weight)
         return loss, features[: views[1].shape[0]]
 
-    # -- EMA target --------------------------------------------------------------------------
-    def on_train_start(self) -> None:
-        self.ema.start(self.trainer.global_step)
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.ema.step(self.trainer.global_step, int(self.trainer.estimated_stepping_batches)):
-            self.log("train/ema_momentum", self.ema.momentum)
-
     # -- optimisation ------------------------------------------------------------------------
-    def configure_optimizers(self):
-        """The base recipe, with the prototypes moved to the group without weight decay."""
-        config = super().configure_optimizers()
+    def param_groups(self) -> list[dict]:
+        """The base groups, with the prototypes in the group without weight decay."""
+        decay, no_decay, *extra = super().param_groups()
         prototypes = self.prototypes.weight
-        decay, no_decay = config["optimizer"].param_groups[:2]
         decay["params"] = [p for p in decay["params"] if p is not prototypes]
         no_decay["params"].append(prototypes)
-        return config
+        return [decay, no_decay, *extra]
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """``--trainer.gradient_clip_val`` clips the encoder (backbone and projector) only, as the
+        official code does: the prototypes and the probe keep their gradients."""
+        if not gradient_clip_val:
+            return
+        encoder = [p for module in (self.backbone, self.projector) for p in module.parameters() if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            nn.utils.clip_grad_value_(encoder, gradient_clip_val)
+        else:
+            nn.utils.clip_grad_norm_(encoder, gradient_clip_val)

@@ -60,16 +60,23 @@ def unpatchify(patches: Tensor, grid: tuple[int, ...], patch_size: PatchSize, ch
     return x.reshape(batch, channels, *(cells * side for cells, side in zip(grid, patch)))
 
 
-def patch_moments(patches: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """Per-patch mean and ``sqrt(var + eps)`` (unbiased variance, as in the MAE reference code)."""
-    mean = patches.mean(dim=-1, keepdim=True)
-    std = (patches.var(dim=-1, keepdim=True) + eps).sqrt()
+def patch_moments(patches: Tensor, eps: float = 1e-6, channels: int | None = None) -> tuple[Tensor, Tensor]:
+    """Per-patch mean and standard deviation, broadcastable to ``patches`` (unbiased variance).
+
+    ``channels`` None (MAE): over all values of a patch, std ``sqrt(var + eps)``. ``channels`` C
+    (VideoMAE): per channel within the patch (values are channel-last), std ``sqrt(var) + eps``,
+    as in the official VideoMAE code."""
+    if channels is None:
+        return patches.mean(dim=-1, keepdim=True), (patches.var(dim=-1, keepdim=True) + eps).sqrt()
+    values = patches.unflatten(-1, (-1, channels))
+    mean = values.mean(dim=-2, keepdim=True).expand_as(values).flatten(-2)
+    std = (values.var(dim=-2, keepdim=True).sqrt() + eps).expand_as(values).flatten(-2)
     return mean, std
 
 
-def normalize_patches(patches: Tensor, eps: float = 1e-6) -> Tensor:
-    """Each patch standardised by its own mean and variance (MAE's ``norm_pix_loss`` target)."""
-    mean, std = patch_moments(patches, eps)
+def normalize_patches(patches: Tensor, eps: float = 1e-6, channels: int | None = None) -> Tensor:
+    """Each patch standardised by its own moments (``patch_moments``): the ``norm_pix_loss`` target."""
+    mean, std = patch_moments(patches, eps, channels)
     return (patches - mean) / std
 
 
