@@ -86,6 +86,18 @@ def write_folder(root, corrupt: bool = False):
         (root / "train" / "high" / "broken.wav").write_bytes(b"garbage")
 
 
+def test_audio_folder_test_fraction_carves_the_test_split(tmp_path):
+    import shutil
+
+    write_folder(tmp_path)
+    shutil.rmtree(tmp_path / "test")
+    data = AudioFolderDataModule(str(tmp_path), num_workers=0, sample_rate=8000, clip_seconds=0.5, test_fraction=0.34, val_fraction=0.25)
+    data.setup("fit")
+    test = {path for path, _ in data.splits.test.samples}
+    assert len(test) == 4 and np.bincount(data.splits.test.labels).tolist() == [2, 2]
+    assert not test & {data.splits.train.base.samples[i][0] for i in data.splits.train.indices}
+
+
 def test_audio_folder_loaders_with_formats_lengths_and_holdout(tmp_path):
     write_folder(tmp_path)
     data = AudioFolderDataModule(str(tmp_path), batch_size=4, num_workers=0, sample_rate=8000, clip_seconds=0.5, n_mels=32, n_fft=256, val_fraction=0.34)

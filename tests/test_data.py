@@ -529,6 +529,41 @@ def test_imagefolder_errors(tmp_path):
         dm.setup()
 
 
+def sources_of(dataset) -> list:
+    """The file behind every sample of a split (through ``Transformed`` index views)."""
+    if hasattr(dataset, "samples"):
+        return [source for source, _ in dataset.samples]
+    base = sources_of(dataset.base)
+    return [base[i] for i in dataset.indices]
+
+
+def test_test_fraction_carves_a_fixed_stratified_test_split_out_of_train(tmp_path):
+    """A folder without test/: ``test_fraction`` of every class becomes the test set, the same
+    for every ``--data.seed`` (only the validation holdout moves), disjoint from pretraining,
+    training and validation; a folder with its own test/ refuses the option."""
+    write_folder(tmp_path / "train", per_class=10)
+
+    def splits(seed: int):
+        dm = ImageFolderDataModule(str(tmp_path), image_size=16, num_workers=0, test_fraction=0.2, val_fraction=0.25, seed=seed)
+        dm.setup()
+        return dm.splits
+
+    first, second = splits(0), splits(1)
+    assert np.bincount(labels_of(first.test)).tolist() == [2, 2, 2]
+    assert (len(first.train), len(first.val)) == (18, 6)  # 30 - 6 test, then a quarter of the rest
+    assert sources_of(first.test) == sources_of(second.test)
+    assert sources_of(first.val) != sources_of(second.val)
+    for s in (first, second):
+        test = set(sources_of(s.test))
+        assert not test & (set(sources_of(s.pretrain)) | set(sources_of(s.train)) | set(sources_of(s.val)))
+        assert len(test | set(sources_of(s.train)) | set(sources_of(s.val))) == 30
+    write_folder(tmp_path / "test", per_class=1)
+    with pytest.raises(ValueError, match="has its own test split"):
+        splits(0)
+    with pytest.raises(ValueError, match="test_fraction must be in"):
+        ImageFolderDataModule(str(tmp_path), num_workers=0, test_fraction=1.0)
+
+
 @pytest.mark.parametrize("damage", ["random-bytes", "truncated-png"])
 def test_imagefolder_bad_file(tmp_path, caplog, damage):
     write_folder(tmp_path / "train", per_class=3)

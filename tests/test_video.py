@@ -108,6 +108,18 @@ def test_video_folder_loaders(tmp_path):
     assert clips.shape == (2, 3, 4, 16, 16)
 
 
+def test_video_folder_test_fraction_carves_the_test_split(tmp_path):
+    for cls in ("a", "b"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for i in range(4):
+            write_mp4(tmp_path / "train" / cls / f"{i}.mp4", frames=6, shade=0 if cls == "a" else 90)
+    data = VideoFolderDataModule(str(tmp_path), frames_per_clip=2, frame_size=16, num_workers=0, test_fraction=0.25, val_fraction=0.34)
+    data.setup("fit")
+    test = {path for path, _ in data.splits.test.samples}
+    assert len(test) == 2 and np.bincount(data.splits.test.labels).tolist() == [1, 1]
+    assert not test & ({path for path, _ in data.splits.pretrain.samples} | {path for path, _ in data.splits.val.samples})
+
+
 def test_simclr_runs_on_clips_with_a_video_vit(tmp_path):
     cli = fit("simclr_moving_digits.yaml", tmp_path, "--trainer.max_epochs", "1", "--data.batch_size", "8", base=TINY_RUN)
     assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])

@@ -118,15 +118,15 @@ class AudioFolderDataModule(AudioDataModule):
         self.classes = self.source.classes
         self.num_classes = len(self.classes)
 
-    def _split(self, name: str) -> AudioFiles | None:
-        samples = self.source.split(name)
+    def _files(self, samples: Samples | None) -> AudioFiles | None:
         return None if samples is None else self.files(samples)
 
     def load_splits(self) -> Splits:
-        train, val = self._split("train"), self._split("val")
+        train, test = self.carve_test(self.source.split("train"), self.source.split("test"))
+        train, val, test = self._files(train), self._files(self.source.split("val")), self._files(test)
         if val is None:
             train, val = self.holdout_val(train)
-        return Splits(pretrain=train, train=train, val=val, test=self._split("test"))
+        return Splits(pretrain=train, train=train, val=val, test=test)
 
 
 FSDD_NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)\.wav$")

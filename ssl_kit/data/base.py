@@ -14,8 +14,8 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
-from ssl_kit.data.datasets import Transformed, WithTargets, collate_skipping_bad, labels_of
-from ssl_kit.data.splits import few_label_split, stratified_split, subsample
+from ssl_kit.data.datasets import Samples, Transformed, WithTargets, collate_skipping_bad, labels_of
+from ssl_kit.data.splits import TEST_CARVE_SEED, few_label_split, stratified_split, subsample
 from ssl_kit.transforms import ImageViews, ViewAugmentation, eval_transform
 
 
@@ -45,6 +45,9 @@ class SSLDataModule(L.LightningDataModule):
     unlabeled pool are only for monitoring (pseudo-label accuracy).
 
     ``train_subset`` / ``eval_subset``: fixed, stratified subsets of the splits (see ``subsets``).
+
+    ``test_fraction`` (folder DataModules): where the data has no test split, that share of every
+    class of train becomes the test set (``carve_test``), fixed whatever ``seed`` is.
 
     Loaders: ``pin_memory`` (used only when CUDA is available) lets batches cross to the GPU
     asynchronously; ``persistent_workers`` keeps worker processes alive between epochs and loaders
@@ -77,6 +80,7 @@ class SSLDataModule(L.LightningDataModule):
         unlabeled_ratio: int = 7,
         train_subset: int | None = None,
         eval_subset: int | None = None,
+        test_fraction: float | None = None,
     ) -> None:
         super().__init__()
         self.root = root
@@ -97,6 +101,9 @@ class SSLDataModule(L.LightningDataModule):
         self.unlabeled_ratio = unlabeled_ratio
         self.train_subset = train_subset
         self.eval_subset = eval_subset
+        if test_fraction is not None and not 0.0 < test_fraction < 1.0:
+            raise ValueError(f"--data.test_fraction must be in (0, 1), got {test_fraction}")
+        self.test_fraction = test_fraction
         self.splits: Splits | None = None
         self.labeled_indices: np.ndarray | None = None
         self.unlabeled_indices: np.ndarray | None = None
@@ -114,6 +121,18 @@ class SSLDataModule(L.LightningDataModule):
     def load_splits(self) -> Splits:
         """Reads the dataset and returns its raw splits."""
         raise NotImplementedError
+
+    def carve_test(self, train: Samples, test: Samples | None) -> tuple[Samples, Samples | None]:
+        """``(train, test)`` sample lists: without a test split and with ``test_fraction``, that
+        share of every class of ``train`` becomes the test set, drawn with a constant seed
+        (``TEST_CARVE_SEED``, never ``seed``) before the validation holdout, so it is fixed across
+        runs and no pretraining, training or model selection sees it."""
+        if self.test_fraction is None:
+            return train, test
+        if test is not None:
+            raise ValueError(f"--data.test_fraction carves a test split out of train, but {self.root} has its own test split")
+        kept, held = stratified_split(np.array([label for _, label in train]), self.test_fraction, TEST_CARVE_SEED)
+        return [train[i] for i in kept], [train[i] for i in held]
 
     def holdout_val(self, train: Dataset) -> tuple[Dataset, Dataset]:
         """Seeded class-stratified train/val split for datasets without an official val set."""

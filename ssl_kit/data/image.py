@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ssl_kit.data.base import Splits, SSLDataModule, unlabeled
-from ssl_kit.data.datasets import IMAGE_EXTENSIONS, ArrayImages, Concatenated, FileImages, class_folder_samples
+from ssl_kit.data.datasets import IMAGE_EXTENSIONS, ArrayImages, Concatenated, FileImages, Samples, class_folder_samples
 from ssl_kit.data.download import obtain
 from ssl_kit.data.sources import sample_source
 from ssl_kit.data.splits import stratified_split
@@ -242,13 +242,12 @@ class ImageFolderDataModule(SSLDataModule):
         self.classes = self.source.classes
         self.num_classes = len(self.classes)
 
-    def _split(self, name: str) -> FileImages | None:
-        samples = self.source.split(name)
+    def _files(self, samples: Samples | None) -> FileImages | None:
         return None if samples is None else FileImages(samples, skip_bad_files=self.skip_bad_files)
 
     def load_splits(self) -> Splits:
-        train = self._split("train")
-        val = self._split("val")
+        train, test = self.carve_test(self.source.split("train"), self.source.split("test"))
+        train, val, test = self._files(train), self._files(self.source.split("val")), self._files(test)
         if val is None:
             train, val = self.holdout_val(train)
-        return Splits(pretrain=train, train=train, val=val, test=self._split("test"))
+        return Splits(pretrain=train, train=train, val=val, test=test)

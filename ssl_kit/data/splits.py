@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+#: Seed of the test split carved out of folders without one (``--data.test_fraction``): a constant,
+#: so the test set never moves with ``--data.seed``.
+TEST_CARVE_SEED = 20261202
+
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Splits indices into (kept, held_out) with ``fraction`` of each class held out.

@@ -186,7 +186,8 @@ class VideoFolderDataModule(VideoDataModule):
         return self.source.classes
 
     def load_splits(self) -> Splits:
-        return self.splits_from(*(self.source.split(name) for name in ("train", "val", "test")))
+        train, test = self.carve_test(self.source.split("train"), self.source.split("test"))
+        return self.splits_from(train, self.source.split("val"), test)
 
 
 KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
