@@ -163,3 +163,45 @@ def test_feature_extraction_on_two_gloo_processes_equals_one_process(tmp_path):
             assert len(ranked[split].labels) == len(single[split].labels)  # 287 and 359: odd, so the sampler pads; the padding is dropped
             assert torch.equal(ranked[split].labels, single[split].labels)
             assert torch.allclose(ranked[split].features, single[split].features, atol=1e-5)
+
+
+def test_lightly_reference_entry_and_time_to_accuracy_curve(tmp_path):
+    """A ``pipeline: lightly`` entry trains lightly's documented SimCLR on the config's backbone and
+    data and is evaluated by the same protocols; ``knn_curve`` evaluates the snapshots taken during
+    pretraining (test kNN against a training bank), and the report plots them against time."""
+    from ssl_kit.bench.snapshots import saved_snapshots
+
+    suite = {
+        "name": "curve", "seeds": [0], "store": str(tmp_path / "store.sqlite"), "workdir": str(tmp_path / "runs"),
+        "protocols": {"knn": {"k": 5}, "knn_curve": {"every_seconds": 0.001, "bank": 100, "k": 5}},
+        "dataset_args": {"Digits": TINY_ARGS},
+        "entries": [
+            {"method": "SimCLR", "dataset": "Digits", "config": str(REPO / "configs" / "simclr_digits.yaml")},
+            {"method": "lightly SimCLR", "dataset": "Digits", "config": str(REPO / "configs" / "simclr_digits.yaml"),
+             "pipeline": "lightly", "reference": "SimCLR", "seeds": [3]},
+        ],
+    }  # fmt: skip
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    run_main("--config", str(path), "--report", str(tmp_path / "report"))
+    rows = ResultStore(suite["store"]).rows("curve")
+    by_method = {m: [r for r in rows if r["method"] == m] for m in ("SimCLR", "lightly SimCLR")}
+    assert {r["seed"] for r in by_method["lightly SimCLR"]} == {3} and {r["seed"] for r in by_method["SimCLR"]} == {0}
+    for method, method_rows in by_method.items():
+        curve = [r for r in method_rows if r["protocol"] == "knn_curve"]
+        cell = method_rows[0]["cell"]
+        snapshots = saved_snapshots(tmp_path / "runs" / "curve" / cell / "snapshots")
+        assert len(curve) == len(snapshots) >= 2, method  # one point per snapshot: after each step, and at the end
+        assert {r["metric"] for r in curve} == {f"top1@{seconds:g}s" for seconds, _ in snapshots}
+        assert all(0.0 <= r["value"] <= 1.0 for r in curve)
+    lightly_row = next(r for r in by_method["lightly SimCLR"] if r["protocol"] == "knn")
+    assert lightly_row["config"]["pipeline"] == "lightly" and lightly_row["backbone"] == "resnet18"
+    # lightly's network really trained: its final snapshot differs from its first
+    cell = lightly_row["cell"]
+    (_, first), *_, (_, last) = saved_snapshots(tmp_path / "runs" / "curve" / cell / "snapshots")
+    first, last = torch.load(first, weights_only=True), torch.load(last, weights_only=True)
+    assert any(not torch.equal(first[k], last[k]) for k in first if first[k].is_floating_point())
+    report = (tmp_path / "report" / "leaderboard.md").read_text()
+    assert "lightly SimCLR" in report and "![time_to_accuracy](time_to_accuracy.png)" in report
+    assert (tmp_path / "report" / "time_to_accuracy.png").stat().st_size > 0
+    assert "knn_curve" not in report  # the curve is plotted, not tabled

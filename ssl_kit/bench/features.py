@@ -58,17 +58,23 @@ class FeatureExtractor(L.LightningModule):
         self.parts.clear()
 
 
-def extract_splits(backbone: nn.Module, datamodule, splits: list[str], trainer_kwargs: dict[str, Any]) -> dict[str, FeatureSet]:
-    """Features of the un-augmented ``splits`` ("train", "val", "test") of an ``SSLDataModule``,
-    complete and in dataset order on every rank."""
+def extract_datasets(
+    backbone: nn.Module, datamodule, datasets: dict[str, Dataset], trainer_kwargs: dict[str, Any]
+) -> dict[str, FeatureSet]:
+    """Features of each ``(input, label)`` dataset, through the DataModule's loaders (workers,
+    pinning, bad-file collation), complete and in dataset order on every rank."""
     extractor = FeatureExtractor(backbone)
     trainer = L.Trainer(
         **trainer_kwargs, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
     )
     features = {}
-    for split in splits:
-        dataset = Indexed(datamodule.labeled_dataset(split))
-        trainer.test(extractor, datamodule._loader(dataset, shuffle=False), verbose=False)  # its workers, pinning, bad-file collation
+    for name, dataset in datasets.items():
+        trainer.test(extractor, datamodule.loader(Indexed(dataset), shuffle=False), verbose=False)
         assert extractor.result is not None
-        features[split] = extractor.result
+        features[name] = extractor.result
     return features
+
+
+def extract_splits(backbone: nn.Module, datamodule, splits: list[str], trainer_kwargs: dict[str, Any]) -> dict[str, FeatureSet]:
+    """Features of the un-augmented ``splits`` ("train", "val", "test") of an ``SSLDataModule``."""
+    return extract_datasets(backbone, datamodule, {split: datamodule.labeled_dataset(split) for split in splits}, trainer_kwargs)

@@ -319,7 +319,7 @@ def fine_tune(
     batch_size = min(datamodule.batch_size, len(train))
     # The DataModule's loader settings (workers, pinning, bad-file collation); full batches only,
     # so BatchNorm never sees a batch of one.
-    loader = datamodule._loader(train, shuffle=True, drop_last=len(train) > batch_size, batch_size=batch_size)
+    loader = datamodule.loader(train, shuffle=True, drop_last=len(train) > batch_size, batch_size=batch_size)
     model = FineTuner(copy.deepcopy(backbone), num_classes, lr, weight_decay, optimizer, layer_decay, warmup_epochs)
     settings = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
     trainer = L.Trainer(**{**settings, **(trainer_kwargs or {}), "max_epochs": epochs})

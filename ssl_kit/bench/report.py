@@ -19,6 +19,8 @@ from matplotlib.patches import Patch
 from ssl_kit.bench.store import ResultStore
 
 KEY = ("dataset", "protocol", "method", "backbone", "metric")
+#: Test kNN of snapshots during pretraining (metric ``top1@<seconds>s``): plotted against time, not tabled.
+CURVE = "knn_curve"
 PROTOCOL_ORDER = ("linear", "knn", "fine_tune", "few_label")
 MARKERS = "osD^v<>P*Xp"
 RULES = (
@@ -116,9 +118,9 @@ def _provenance(rows: list[dict]) -> dict[str, list[str]]:
     }
 
 
-def markdown(rows: list[dict], description: str = "") -> str:
-    """The leaderboard: the suite's description, a table per dataset (methods x protocols), then
-    the rules and provenance."""
+def markdown(rows: list[dict], description: str = "", plots: dict[str, Path] | None = None) -> str:
+    """The leaderboard: the suite's description, a table per dataset (methods x protocols), the
+    plots (``plots``: PNGs in the same folder), then the rules and provenance."""
     lines = ["# Benchmark leaderboard"] + (["", description.strip()] if description.strip() else [])
     for dataset, (columns, ranked) in _boards(summarize(rows)).items():
         seeds = {entry["n"] for _, row in ranked for entry in row.values()}
@@ -138,6 +140,7 @@ def markdown(rows: list[dict], description: str = "") -> str:
 
         lines += [f"| {label} | " + " | ".join(cell(row.get(c)) for c in columns) + " |" for label, row in ranked]
         lines += ["", f"Mean ± std over {seeds.pop()} seeds, in %." if len(seeds) == 1 else "Mean ± std over n seeds (in brackets), in %."]
+    lines += [line for name, path in (plots or {}).items() for line in ("", f"![{name}]({Path(path).name})")]
     lines += ["", "---", "", RULES, ""]
     lines += [f"- {name}: " + "; ".join(f"`{v}`" for v in values) for name, values in _provenance(rows).items()]
     return "\n".join(lines) + "\n"
@@ -208,6 +211,42 @@ def plot_accuracy_vs_time(rows: list[dict], path: str | Path) -> Path:
             ax.set(title=dataset, xlabel=xlabel, ylabel="accuracy (%)")
     handles = [Line2D([], [], ls="", color="grey", label=label, **_marker(i)) for i, label in enumerate(labels)]
     handles += [Patch(color=f"C{j % 10}", label=_column_name(column)) for j, column in enumerate(columns)]
+    figure.legend(handles=handles, loc="outside right upper", fontsize="small")
+    figure.savefig(path, dpi=100)
+    return Path(path)
+
+
+def curves(rows: Iterable[dict]) -> dict[str, dict[str, list[tuple[float, float, float]]]]:
+    """Per dataset and method: ``(seconds, mean, std)`` of the ``knn_curve`` points over seeds."""
+    points: dict[str, dict[str, dict[float, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for row in rows:
+        if row["protocol"] == CURVE:
+            seconds = float(row["metric"].removeprefix("top1@").removesuffix("s"))
+            points[row["dataset"]][_label(row)][seconds].append(row["value"])
+    return {
+        dataset: {
+            label: [(t, fmean(v), stdev(v) if len(v) > 1 else 0.0) for t, v in sorted(by_time.items())]
+            for label, by_time in sorted(by_label.items())
+        }
+        for dataset, by_label in sorted(points.items())
+    }
+
+
+def plot_time_to_accuracy(rows: list[dict], path: str | Path) -> Path:
+    """Test kNN accuracy against pretraining wall-clock, a line per method (std band over seeds),
+    a panel per dataset."""
+    by_dataset = curves(rows)
+    labels = sorted({label for by_label in by_dataset.values() for label in by_label})
+    figure, axes = _figure(1, len(by_dataset))
+    for ax, (dataset, by_label) in zip(axes[0], by_dataset.items()):
+        for label, points in by_label.items():
+            minutes = np.array([t / 60 for t, _, _ in points])
+            mean, std = (np.array([100 * p[i] for p in points]) for i in (1, 2))
+            color = f"C{labels.index(label) % 10}"
+            ax.plot(minutes, mean, color=color, **_marker(labels.index(label)), label=label)
+            ax.fill_between(minutes, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
+        ax.set(title=dataset, xlabel="pretraining wall-clock (min)", ylabel="test kNN accuracy (%)")
+    handles = [Line2D([], [], color=f"C{i % 10}", label=label, **_marker(i)) for i, label in enumerate(labels)]
     figure.legend(handles=handles, loc="outside right upper", fontsize="small")
     figure.savefig(path, dpi=100)
     return Path(path)
@@ -323,20 +362,24 @@ def html(rows: list[dict], plots: dict[str, Path], description: str = "") -> str
 
 
 def write_report(store_path: str | Path, out_dir: str | Path, suite: str | None = None, description: str = "") -> dict[str, Path]:
-    """Writes leaderboard.md, leaderboard.html, accuracy.png and accuracy_vs_time.png; ``description``
-    (Markdown paragraphs: what the suite is, the command that made it) goes under the title."""
+    """Writes leaderboard.md, leaderboard.html, accuracy.png, accuracy_vs_time.png and, where the
+    store has ``knn_curve`` rows, time_to_accuracy.png; ``description`` (Markdown paragraphs: what
+    the suite is, the command that made it) goes under the title."""
     store_path, out_dir = Path(store_path), Path(out_dir)
     if not store_path.is_file():
         raise FileNotFoundError(f"no results store at {store_path}")
-    rows = ResultStore(store_path).rows(suite)
-    if not rows:
+    every_row = ResultStore(store_path).rows(suite)
+    if not every_row:
         raise ValueError(f"the results store {store_path} has no results" + (f" for suite {suite!r}" if suite is not None else ""))
+    rows = [row for row in every_row if row["protocol"] != CURVE]
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = {
         "accuracy": plot_accuracy(rows, out_dir / "accuracy.png"),
         "accuracy_vs_time": plot_accuracy_vs_time(rows, out_dir / "accuracy_vs_time.png"),
     }
+    if len(rows) < len(every_row):
+        plots["time_to_accuracy"] = plot_time_to_accuracy(every_row, out_dir / "time_to_accuracy.png")
     markdown_path, html_path = out_dir / "leaderboard.md", out_dir / "leaderboard.html"
-    markdown_path.write_text(markdown(rows, description), encoding="utf-8")
+    markdown_path.write_text(markdown(rows, description, plots), encoding="utf-8")
     html_path.write_text(html(rows, plots, description), encoding="utf-8")
     return {"markdown": markdown_path, "html": html_path, **plots}

@@ -21,16 +21,23 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+from torch.utils.data import DataLoader
 
 from ssl_kit.bench import protocols as P
-from ssl_kit.bench.features import extract_splits
+from ssl_kit.bench.features import extract_datasets, extract_splits
+from ssl_kit.bench.lightly_reference import reference_pipeline
 from ssl_kit.bench.report import write_report
+from ssl_kit.bench.snapshots import Snapshots, snapshot_networks
 from ssl_kit.bench.store import Result, ResultStore
 from ssl_kit.cli import SSLCLI
+from ssl_kit.data.datasets import Transformed, labels_of
+from ssl_kit.data.splits import stratified_split
 from ssl_kit.methods import MeanTeacher
 
 log = logging.getLogger(__name__)
@@ -44,7 +51,10 @@ SHARED_TRAINER_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "preci
 class Entry:
     """One row group of the leaderboard: ``method`` on ``dataset``, pretrained by ``python -m
     ssl_kit.fit --config <config> <args...>`` (or loaded from ``checkpoint``, an ssl_kit
-    ``.ckpt`` of the same config). ``protocols`` narrows the suite's protocols for this entry."""
+    ``.ckpt`` of the same config). ``protocols`` narrows the suite's protocols for this entry,
+    ``seeds`` its seeds. ``pipeline: lightly`` trains lightly's documented pipeline of ``reference``
+    (a method name; see ``ssl_kit.bench.lightly_reference``) instead, on the config's backbone,
+    data and Trainer budget."""
 
     method: str
     dataset: str
@@ -52,11 +62,20 @@ class Entry:
     args: list[str] = field(default_factory=list)
     checkpoint: str | None = None
     protocols: list[str] | None = None
+    seeds: list[int] | None = None
+    pipeline: Literal["ssl_kit", "lightly"] = "ssl_kit"
+    reference: str | None = None
+
+
+#: Entry fields added after stores were written: at these values they stay out of a cell's key, so
+#: stored cells keep theirs (``seeds`` never enters: the cell's own seed does).
+LATER_FIELDS = {"pipeline": "ssl_kit", "reference": None}
 
 
 def cell_key(suite: str, entry: Entry, seed: int, protocols: dict[str, dict[str, Any]]) -> str:
     """Stable id of a cell: changes whenever anything that shapes its numbers changes."""
-    payload = json.dumps({"suite": suite, "entry": asdict(entry), "seed": seed, "protocols": protocols}, sort_keys=True)
+    fields_ = {k: v for k, v in asdict(entry).items() if k != "seeds" and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+    payload = json.dumps({"suite": suite, "entry": fields_, "seed": seed, "protocols": protocols}, sort_keys=True)
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
 
@@ -78,72 +97,113 @@ class Cell:
             "--seed_everything", str(self.seed), "--trainer.default_root_dir", str(self.root),
         ]  # fmt: skip
 
-    def pretrain(self) -> tuple[SSLCLI, float | None]:
-        """The trained (or loaded) run and its pretraining samples/s."""
+    def pretrain(self) -> tuple[SSLCLI, nn.Module, float | None]:
+        """The run (its DataModule, model and config), the trained network to evaluate, and its
+        pretraining samples/s (None: no training steps, e.g. random init)."""
+        cli = SSLCLI(args=self.fit_args(), run=False)
         if self.entry.checkpoint is not None:
-            cli = SSLCLI(args=self.fit_args(), run=False)
             state = torch.load(self.entry.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
             cli.model.load_state_dict(state)
-            return cli, None
-        args = self.fit_args()
+            return cli, evaluated_network(cli.model), None
+        module, network, loader = self.training_run(cli)
+        if "knn_curve" in self.wanted():
+            every = self.protocols["knn_curve"].get("every_seconds", 60)
+            cli.trainer.callbacks.append(Snapshots(self.root / "snapshots", network, every))
         last = self.root / "checkpoints" / "last.ckpt"
         if last.is_file():
             log.warning("cell %s (%s on %s, seed %d): resuming from %s", self.key, self.entry.method, self.entry.dataset, self.seed, last)
-            args += ["--ckpt_path", str(last)]
         start = time.perf_counter()
-        cli = SSLCLI(args=["fit", *args])
+        data = cli.datamodule if loader is None else None
+        cli.trainer.fit(module, datamodule=data, train_dataloaders=loader, ckpt_path=str(last) if last.is_file() else None)
         seconds = time.perf_counter() - start
         if cli.trainer.interrupted:
             raise RuntimeError(f"cell {self.key}: pretraining was interrupted; re-run the suite to resume from {last}")
         samples = cli.trainer.global_step * cli.datamodule.batch_size * cli.trainer.world_size
-        return cli, samples / seconds if samples and seconds > 0 else None  # None: no training steps (random init)
+        return cli, network, samples / seconds if samples and seconds > 0 else None
+
+    def training_run(self, cli: SSLCLI) -> tuple[L.LightningModule, nn.Module, DataLoader | None]:
+        """What to fit, the network it trains, and its own loader (None: the DataModule's)."""
+        if self.entry.pipeline == "ssl_kit":
+            return cli.model, evaluated_network(cli.model), None
+        data = cli.datamodule
+        data.setup("fit")
+        module, transform, network = reference_pipeline(self.entry.reference or self.entry.method, cli.model.backbone, data.image_size)
+        return module, network, data.loader(Transformed(data.splits.pretrain, transform), shuffle=True, drop_last=True)
+
+    def wanted(self) -> list[str]:
+        wanted = self.entry.protocols or list(self.protocols)
+        unknown = sorted(set(wanted) - KNOWN_PROTOCOLS)
+        if unknown:
+            raise ValueError(f"unknown protocol(s) {unknown} in suite {self.suite}; known: {sorted(KNOWN_PROTOCOLS)}")
+        return wanted
 
     def run(self) -> list[Result]:
         start = time.perf_counter()
-        cli, throughput = self.pretrain()
+        cli, network, throughput = self.pretrain()
         config = cli.config["fit"] if "fit" in cli.config else cli.config  # the fit subcommand's, or run=False's
         trainer_kwargs = {key: config["trainer"][key] for key in SHARED_TRAINER_KEYS if config["trainer"].get(key) is not None}
-        values, chosen = self.evaluate(cli, trainer_kwargs)
+        values, chosen = self.evaluate(cli, network, trainer_kwargs)
         resolved = jsonable(config.as_dict())
         model, wall_time = cli.model, time.perf_counter() - start
         epochs = None if self.entry.checkpoint else float(cli.trainer.current_epoch)
         return [
             Result(
                 suite=self.suite, cell=self.key, method=self.entry.method, dataset=self.entry.dataset,
-                backbone=model.hparams.backbone, protocol=protocol, metric="top1", value=value, seed=self.seed,
-                config={"fit": resolved, "protocol": {**self.protocols.get(protocol, {}), **chosen.get(protocol, {})}},
+                backbone=model.hparams.backbone, protocol=protocol, metric=metric, value=value, seed=self.seed,
+                config={"fit": resolved, "pipeline": self.entry.pipeline, "protocol": {**self.protocols.get(protocol, {}), **chosen.get(protocol, {})}},
                 wall_time_s=wall_time, throughput=throughput, epochs=epochs,
             )  # fmt: skip
-            for protocol, value in values.items()
+            for (protocol, metric), value in values.items()
         ]
 
-    def evaluate(self, cli: SSLCLI, trainer_kwargs: dict[str, Any]) -> tuple[dict[str, float], dict[str, dict]]:
-        """Top-1 accuracy per protocol, and the hyper-parameters each probe chose on validation."""
+    def evaluate(self, cli: SSLCLI, network: nn.Module, trainer_kwargs: dict[str, Any]) -> tuple[dict[tuple[str, str], float], dict[str, dict]]:
+        """``(protocol, metric) -> value``, and the hyper-parameters each probe chose on validation."""
         model, data = cli.model, cli.datamodule
-        wanted = self.entry.protocols or list(self.protocols)
-        unknown = sorted(set(wanted) - KNOWN_PROTOCOLS)
-        if unknown:
-            raise ValueError(f"unknown protocol(s) {unknown} in suite {self.suite}; known: {sorted(KNOWN_PROTOCOLS)}")
+        wanted = self.wanted()
         self_training = isinstance(model, MeanTeacher)
-        backbone = model.teacher_backbone if self_training else model.backbone
-        values: dict[str, float] = {}
+        values: dict[tuple[str, str], float] = {}
         chosen: dict[str, dict] = {}
         if self_training and "few_label" in wanted:
             # Self-training is itself the few-label protocol: the teacher's test accuracy, trained
             # on the DataModule's class-balanced split (the split few_label probes use).
             (metrics,) = cli.trainer.test(model, datamodule=data, verbose=False)
-            values["few_label"] = float(metrics["test/acc"])
+            values["few_label", "top1"] = float(metrics["test/acc"])
         frozen = [p for p in wanted if p in FROZEN_FEATURE_PROTOCOLS and not (self_training and p == "few_label")]
         if frozen:
-            features = extract_splits(backbone, data, ["train", "val", "test"], trainer_kwargs)
+            features = extract_splits(network, data, ["train", "val", "test"], trainer_kwargs)
             for protocol in frozen:
                 value, choice = FROZEN_FEATURE_PROTOCOLS[protocol](features, data, self.seed, **self.protocols.get(protocol, {}))
-                values[protocol], chosen[protocol] = value, choice
+                values[protocol, "top1"], chosen[protocol] = value, choice
         if "fine_tune" in wanted:
-            values["fine_tune"] = P.fine_tune(
-                backbone, data, data.num_classes, seed=self.seed, trainer_kwargs=trainer_kwargs, **self.protocols.get("fine_tune", {})
+            values["fine_tune", "top1"] = P.fine_tune(
+                network, data, data.num_classes, seed=self.seed, trainer_kwargs=trainer_kwargs, **self.protocols.get("fine_tune", {})
             )
+        if "knn_curve" in wanted:
+            for seconds, value in knn_curve(network, data, self.root / "snapshots", trainer_kwargs, **self.protocols["knn_curve"]).items():
+                values["knn_curve", f"top1@{seconds:g}s"] = value
         return values, chosen
+
+
+def evaluated_network(model: L.LightningModule) -> nn.Module:
+    """The network a method delivers: a self-training run's teacher, a pretraining run's backbone."""
+    return model.teacher_backbone if isinstance(model, MeanTeacher) else model.backbone
+
+
+def knn_curve(
+    network: nn.Module, data, folder: Path, trainer_kwargs: dict[str, Any], every_seconds: float = 60,
+    bank: int = 5000, k: int = 20, temperature: float = 0.07,
+) -> dict[float, float]:  # fmt: skip
+    """Test kNN top-1 of every snapshot (``Snapshots``) against a fixed, stratified bank of
+    ``bank`` training samples (seeded by the DataModule's seed): accuracy against training time."""
+    train = data.labeled_dataset("train")
+    labels = labels_of(train)
+    indices = stratified_split(labels, bank / len(labels), data.seed)[1] if bank < len(labels) else None
+    datasets = {"bank": Transformed(train, indices=indices), "test": data.labeled_dataset("test")}
+    curve = {}
+    for seconds, snapshot in snapshot_networks(network, folder):
+        features = extract_datasets(snapshot, data, datasets, trainer_kwargs)
+        curve[seconds] = P.knn(features["bank"], features["test"], data.num_classes, k, temperature)
+    return curve
 
 
 def _linear(features, data, seed: int, **settings) -> tuple[float, dict]:
@@ -163,7 +223,7 @@ def _few_label(features, data, seed: int, **settings) -> tuple[float, dict]:
 
 
 FROZEN_FEATURE_PROTOCOLS = {"linear": _linear, "knn": _knn, "few_label": _few_label}
-KNOWN_PROTOCOLS = {*FROZEN_FEATURE_PROTOCOLS, "fine_tune"}
+KNOWN_PROTOCOLS = {*FROZEN_FEATURE_PROTOCOLS, "fine_tune", "knn_curve"}
 
 
 def run_suite(
@@ -182,9 +242,10 @@ def run_suite(
     Args:
         name: the suite's name in the store (finished cells are looked up under it).
         entries: method x dataset runs (``Entry``: method, dataset, config, args, checkpoint, protocols).
-        seeds: a cell per seed (``seed_everything``); the data splits stay fixed.
+        seeds: a cell per seed (``seed_everything``; an entry's ``seeds`` win); the data splits stay fixed.
         protocols: protocol name -> settings: ``linear``, ``knn``, ``few_label`` on frozen
-            features, ``fine_tune`` with training (see ``ssl_kit.bench.protocols``).
+            features, ``fine_tune`` with training (see ``ssl_kit.bench.protocols``), ``knn_curve``
+            (test kNN of snapshots every ``every_seconds`` of pretraining, ``knn_curve``).
         dataset_args: ``ssl_kit.fit`` overrides shared by every entry of a dataset (its root,
             subsets, budget), placed before the entry's own ``args``.
         store: the SQLite results store.
@@ -195,7 +256,7 @@ def run_suite(
     results = ResultStore(store)
     finished = results.finished_cells(name)
     entries = [replace(entry, args=[*dataset_args.get(entry.dataset, []), *entry.args]) for entry in entries]
-    cells = [Cell(name, entry, seed, protocols, Path(workdir)) for entry in entries for seed in seeds]
+    cells = [Cell(name, entry, seed, protocols, Path(workdir)) for entry in entries for seed in (entry.seeds or seeds)]
     todo = [cell for cell in cells if cell.key not in finished]
     log.warning("suite %s: %d cells, %d finished, %d to run; store %s", name, len(cells), len(cells) - len(todo), len(todo), store)
     for number, cell in enumerate(todo, 1):

@@ -198,7 +198,8 @@ class SSLDataModule(L.LightningDataModule):
     def eval_transform(self):
         return eval_transform(self.image_size, self.mean, self.std, self.center_crop_ratio)
 
-    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False, batch_size: int | None = None) -> DataLoader:
+    def loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False, batch_size: int | None = None) -> DataLoader:
+        """A DataLoader of ``dataset`` with this DataModule's batch size, workers, pinning and bad-file collation."""
         return DataLoader(
             dataset,
             batch_size=batch_size or self.batch_size,
@@ -221,7 +222,7 @@ class SSLDataModule(L.LightningDataModule):
         In semi-supervised mode: the labeled and unlabeled loaders combined (see the class doc)."""
         splits = self._require_splits()
         if not self.semi_supervised:
-            return self._loader(Transformed(splits.pretrain, self.views), shuffle=True, drop_last=True)
+            return self.loader(Transformed(splits.pretrain, self.views), shuffle=True, drop_last=True)
         labeled = Transformed(splits.train, self.views, self.labeled_indices)
         if self.pseudo_targets is None:
             unlabeled = Transformed(splits.train, self.views, self.unlabeled_indices)
@@ -231,8 +232,8 @@ class SSLDataModule(L.LightningDataModule):
                 self.pseudo_targets[self.pseudo_selected],
             )
         loaders = {
-            "labeled": self._loader(labeled, shuffle=True, batch_size=min(self.batch_size, len(labeled))),
-            "unlabeled": self._loader(
+            "labeled": self.loader(labeled, shuffle=True, batch_size=min(self.batch_size, len(labeled))),
+            "unlabeled": self.loader(
                 unlabeled, shuffle=True, drop_last=True, batch_size=min(self.batch_size * self.unlabeled_ratio, len(unlabeled))
             ),
         }
@@ -247,13 +248,13 @@ class SSLDataModule(L.LightningDataModule):
 
     def labeled_dataloader(self, split: str) -> DataLoader:
         """Un-augmented loader over ``train``, ``val`` or ``test``."""
-        return self._loader(self.labeled_dataset(split), shuffle=False)
+        return self.loader(self.labeled_dataset(split), shuffle=False)
 
     def unlabeled_pool_dataloader(self) -> DataLoader:
         """Un-augmented loader over the unlabeled pool, in pool order (for a teacher to label it)."""
         if not self.semi_supervised:
             raise ValueError(f"{type(self).__name__} has no unlabeled pool: set labels_per_class or label_fraction")
-        return self._loader(Transformed(self._require_splits().train, self.eval_transform, self.unlabeled_indices), shuffle=False)
+        return self.loader(Transformed(self._require_splits().train, self.eval_transform, self.unlabeled_indices), shuffle=False)
 
     def set_pseudo_labels(self, targets: torch.Tensor, selected: np.ndarray) -> None:
         """Noisy Student: ``targets`` (pool size x classes) from a teacher, and the pool positions
@@ -272,7 +273,7 @@ class SSLDataModule(L.LightningDataModule):
         else:
             bank = subsample(len(splits.train), self.knn_bank_size, self.seed)
         return [
-            self._loader(Transformed(splits.train, self.eval_transform, bank), shuffle=False),
+            self.loader(Transformed(splits.train, self.eval_transform, bank), shuffle=False),
             self.labeled_dataloader("val"),
         ]
 

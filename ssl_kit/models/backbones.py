@@ -8,6 +8,7 @@ from typing import Any
 
 import timm
 
+import ssl_kit.models.resnet  # noqa: F401 - registers the narrow ResNets with timm
 import ssl_kit.models.video  # noqa: F401 - registers the video ViTs with timm
 import torch
 from torch import nn

@@ -10,6 +10,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from ssl_kit.models.masking import gather_tokens
+from ssl_kit.models.registry import architecture_kwargs
 
 
 class VideoViT(nn.Module):
@@ -77,10 +78,7 @@ class VideoViT(nn.Module):
 
 
 def _video_vit(pretrained: bool, **kwargs) -> VideoViT:
-    if pretrained:
-        raise ValueError("there are no pretrained weights for ssl_kit's video ViTs")
-    timm_only = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")  # what timm's factory adds
-    return VideoViT(**{key: value for key, value in kwargs.items() if key not in timm_only})
+    return VideoViT(**architecture_kwargs("video ViTs", pretrained, kwargs))
 
 
 @register_model
