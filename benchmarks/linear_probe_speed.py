@@ -35,7 +35,7 @@ from ssl_kit.bench.protocols import PROBE_LRS, PROBE_WEIGHT_DECAYS, extract, lin
 from ssl_kit.data.base import SSLDataModule
 from ssl_kit.data.datasets import Transformed
 from ssl_kit.data.image import DigitsDataModule, MNISTDataModule
-from ssl_kit.export import backbone_from_checkpoint
+from ssl_kit.export import backbone_from_checkpoint, read_checkpoint
 from ssl_kit.models.backbones import build_from_spec
 from ssl_kit.optim import warmup_cosine
 
@@ -52,7 +52,7 @@ def classic_probe(
         T.ToTensor(),
         T.Normalize(data.mean, data.std),
     ])  # fmt: skip
-    loader = data._loader(Transformed(data.splits.train, augment), shuffle=True)
+    loader = data.loader(Transformed(data.splits.train, augment), shuffle=True)
     head = nn.Sequential(nn.BatchNorm1d(backbone.num_features, affine=False), nn.Linear(backbone.num_features, data.num_classes))
     optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
     total = epochs * len(loader)
@@ -92,7 +92,7 @@ def main() -> None:
     state, spec = backbone_from_checkpoint(args.checkpoint)
     backbone = build_from_spec(spec)
     backbone.load_state_dict(state)
-    image_size = torch.load(args.checkpoint, map_location="cpu", weights_only=False)["hyper_parameters"]["image_size"]
+    image_size = read_checkpoint(args.checkpoint)["hyper_parameters"]["image_size"]
     common = {"image_size": image_size, "batch_size": args.batch_size, "num_workers": args.workers, "pin_memory": False}
     data = MNISTDataModule(args.mnist_root, download=False, **common) if args.mnist_root else DigitsDataModule(**common)
     data.setup()

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.utils.data import DataLoader
@@ -38,6 +37,7 @@ from ssl_kit.bench.store import Result, ResultStore
 from ssl_kit.cli import SSLCLI
 from ssl_kit.data.datasets import Transformed, labels_of
 from ssl_kit.data.splits import stratified_split
+from ssl_kit.export import read_checkpoint
 from ssl_kit.methods import MeanTeacher
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class Cell:
         pretraining samples/s (None: no training steps, e.g. random init)."""
         cli = SSLCLI(args=self.fit_args(), run=False)
         if self.entry.checkpoint is not None:
-            state = torch.load(self.entry.checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+            state = read_checkpoint(self.entry.checkpoint)["state_dict"]
             cli.model.load_state_dict(state)
             return cli, evaluated_network(cli.model), None
         module, network, loader = self.training_run(cli)
