@@ -12,6 +12,11 @@ step. "data-bound" when the loader is slower than the model. Each side is timed 
 CPU-only machine they share the cores in real training, so there both rates are upper bounds. With
 0 workers nothing overlaps: a training step costs the loading time plus the model time.
 
+Decoded-sample cache (``--data.cache_dir``): the first and the second epoch over a folder, each
+a whole pass of the pretraining loader, without and with the cache (filled in the first epoch):
+ESC-50-style 5-second 44.1 kHz OGG clips read at 16 kHz (every epoch decodes and resamples them
+without the cache), the mp4 clips, and 32 px JPEGs (CIFAR-10-sized).
+
 Besides the embedded in-memory sets, files decoded on the fly, written once into a temporary
 folder from the embedded generators: PNG ImageFolder of the scikit-learn digits, wav AudioFolder
 of the synthetic audio, mp4 VideoFolder (PyAV) of 16-frame moving digits (clips read as the
@@ -19,6 +24,7 @@ config says: 8 frames, 2 apart). Real data when given: MNIST idx (``--mnist-root
 configs/simclr_mnist.yaml) and FSDD wav (``--fsdd-root``, configs/simclr_fsdd.yaml).
 
     python benchmarks/data_throughput.py
+    python benchmarks/data_throughput.py --cache-only --workers 2 --out benchmarks/results/data_cache_cpu.txt
     python benchmarks/data_throughput.py --mnist-root ../shared/data/mnist --fsdd-root ../shared/data/fsdd \\
         --workers 0 2 --out benchmarks/results/data_throughput_cpu.txt
 """
@@ -113,6 +119,67 @@ def write_mp4_folder(root: Path, frames: int = 16) -> Path:
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
             container.mux(stream.encode())
     return root
+
+
+def write_ogg_folder(root: Path, clips: int = 40, seconds: float = 5.0, rate: int = 44100) -> Path:
+    """ESC-50-like clips: 5 s of 44.1 kHz OGG (Vorbis), noise bands that differ by class."""
+    rng = np.random.default_rng(0)
+    for index in range(clips):
+        label = index % 4
+        folder = root / "train" / f"class{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        t = np.arange(int(seconds * rate)) / rate
+        wave = 0.3 * np.sin(2 * np.pi * (300 + 400 * label) * t) + 0.05 * rng.standard_normal(t.size)
+        soundfile.write(folder / f"{index}.ogg", wave.astype(np.float32), rate, format="OGG", subtype="VORBIS")
+    return root
+
+
+def write_jpeg_folder(root: Path, images: int = 2000, size: int = 32) -> Path:
+    rng = np.random.default_rng(0)
+    for index in range(images):
+        folder = root / "train" / f"class{index % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{index}.jpg", quality=90)
+    return root
+
+
+def cache_sources(scratch: Path) -> list[Source]:
+    ogg = ["--data", "AudioFolderDataModule", "--data.root", str(write_ogg_folder(scratch / "ogg")), "--data.sample_rate", "16000",
+           "--data.clip_seconds", "5.0", "--data.batch_size", "8"]  # fmt: skip
+    mp4 = ["--data", "VideoFolderDataModule", "--data.root", str(write_mp4_folder(scratch / "mp4-cache")), "--data.batch_size", "16"]
+    jpeg = ["--data.root", str(write_jpeg_folder(scratch / "jpeg")), "--data.num_workers", "2"]
+    return [
+        Source("audio", "5 s 44.1 kHz OGG clips at 16 kHz", "simclr_synthetic_audio.yaml", ogg),
+        Source("video", "moving digits, mp4 files", "simclr_moving_digits.yaml", mp4),
+        Source("image", "32 px JPEG files", "simclr_cifar10_cpu.yaml", jpeg),
+    ]
+
+
+def epoch_rates(datamodule, workers: int) -> tuple[float, float]:
+    """Samples/s of the first and the second whole pass over the pretraining loader."""
+    datamodule.num_workers = workers
+    loader = datamodule.train_dataloader()
+    rates = []
+    for _ in range(2):
+        start, samples = time.perf_counter(), 0
+        for views, _ in loader:
+            samples += len(views[0])
+        rates.append(samples / (time.perf_counter() - start))
+    return rates[0], rates[1]
+
+
+def cache_table(scratch: Path, workers: int) -> list[str]:
+    lines = [f"## decoded-sample cache (--data.cache_dir), {workers} workers: samples/s of the first and second epoch", "",
+             "| source | cache | epoch 1 | epoch 2 | epoch 2 / epoch 1 |", "|---|---|---:|---:|---:|"]  # fmt: skip
+    for source in cache_sources(scratch):
+        for cached in (False, True):
+            extra = ["--data.cache_dir", str(scratch / f"cache-{source.modality}")] if cached else []
+            datamodule, _ = build(Source(source.modality, source.name, source.config, [*source.data_args, *extra]))
+            first, second = epoch_rates(datamodule, workers)
+            line = f"| {source.name} | {'on' if cached else 'off'} | {first:.1f} | {second:.1f} | {second / first:.1f}x |"
+            print(line, flush=True)
+            lines.append(line)
+    return lines
 
 
 def sources(args, scratch: Path) -> list[Source]:
@@ -238,6 +305,7 @@ def main() -> None:
     parser.add_argument("--fsdd-root", help="Free Spoken Digit Dataset, e.g. ../shared/data/fsdd")
     parser.add_argument("--note", default="", help="a line for the report, e.g. how busy the machine was")
     parser.add_argument("--out", help="also write the report to this file")
+    parser.add_argument("--cache-only", action="store_true", help="only the decoded-sample cache's epochs")
     args = parser.parse_args()
     for name in ("lightning.pytorch", "lightning.fabric"):  # the CLI's per-build seed and device lines
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -254,7 +322,8 @@ def main() -> None:
     model_rates: dict[tuple, float] = {}  # a step's cost depends on method, backbone, optimizer and shapes only
     rows: dict[str, list[Row]] = {}
     with tempfile.TemporaryDirectory() as scratch:
-        for source in sources(args, Path(scratch)):
+        cache_lines = cache_table(Path(scratch), max(args.workers))
+        for source in [] if args.cache_only else sources(args, Path(scratch)):
             datamodule, model = build(source)
             hp = model.hparams
             for workers in args.workers:
@@ -270,6 +339,7 @@ def main() -> None:
     lines.append(f"# load average at end {os.getloadavg()[0]:.1f}")
     for modality, modality_rows in rows.items():
         lines += ["", *table(modality, modality_rows)]
+    lines += ["", *cache_lines]
     report = "\n".join(lines)
     print("\n" + report)
     if args.out:

@@ -98,6 +98,29 @@ def test_audio_folder_test_fraction_carves_the_test_split(tmp_path):
     assert not test & {data.splits.train.base.samples[i][0] for i in data.splits.train.indices}
 
 
+def test_decoded_cache_decodes_each_file_once_and_again_when_it_changes(tmp_path, monkeypatch):
+    """With --data.cache_dir a waveform is decoded and resampled on its first read only, read back
+    memory-mapped (the same values), and decoded again once its file changes."""
+    import ssl_kit.data.audio as audio
+
+    write_folder(tmp_path / "data")
+    data = AudioFolderDataModule(str(tmp_path / "data"), num_workers=0, sample_rate=8000, clip_seconds=0.5, cache_dir=str(tmp_path / "cache"))
+    data.setup("fit")
+    files = data.splits.test
+    decoded = []
+    real = audio.read_audio
+    monkeypatch.setattr(audio, "read_audio", lambda path, rate: (decoded.append(str(path)), real(path, rate))[1])
+    first = [files[i][0] for i in range(len(files))]
+    second = [files[i][0] for i in range(len(files))]
+    assert len(decoded) == len(files) == 4  # once per file
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert all(torch.equal(a, real(path, 8000)) for a, (path, _) in zip(first, files.samples))
+    changed, _ = files.samples[0]
+    soundfile.write(changed, tone(300.0, 16000, seconds=0.4), 16000)
+    again = files[0][0]
+    assert decoded[-1] == str(changed) and len(decoded) == 5 and again.shape[0] == int(0.4 * 8000)
+
+
 def test_audio_folder_loaders_with_formats_lengths_and_holdout(tmp_path):
     write_folder(tmp_path)
     data = AudioFolderDataModule(str(tmp_path), batch_size=4, num_workers=0, sample_rate=8000, clip_seconds=0.5, n_mels=32, n_fft=256, val_fraction=0.34)

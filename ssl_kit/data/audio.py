@@ -15,6 +15,7 @@ import torchaudio
 from torch import Tensor
 
 from ssl_kit.data.base import SSLDataModule, Splits
+from ssl_kit.data.cache import DecodedCache
 from ssl_kit.data.datasets import (
     LabeledFiles, Samples, Source, TensorSamples, Transformed, UnreadableFileError, class_folder_samples, open_sample,
 )  # fmt: skip
@@ -47,12 +48,18 @@ def read_audio(path: Source | Path, sample_rate: int) -> Tensor:
 class AudioFiles(LabeledFiles):
     """Waveforms read from audio files at ``sample_rate`` (see ``read_audio``)."""
 
-    def __init__(self, samples: Samples, sample_rate: int, skip_bad_files: bool = False) -> None:
-        super().__init__(samples, skip_bad_files)
+    def __init__(self, samples: Samples, sample_rate: int, skip_bad_files: bool = False, cache: DecodedCache | None = None) -> None:
+        super().__init__(samples, skip_bad_files, cache)
         self.sample_rate = sample_rate
 
-    def read(self, path: Source) -> Tensor:
-        return read_audio(path, self.sample_rate)
+    def variant(self) -> str:
+        return f"audio@{self.sample_rate}"
+
+    def decode(self, path: Source) -> np.ndarray:
+        return read_audio(path, self.sample_rate).numpy()
+
+    def finish(self, array: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.array(array))
 
 
 class AudioDataModule(SSLDataModule):
@@ -98,7 +105,7 @@ class AudioDataModule(SSLDataModule):
         return AudioEval(self.frontend, self.clip_samples)
 
     def files(self, samples: Samples) -> AudioFiles:
-        return AudioFiles(samples, self.sample_rate, self.skip_bad_files)
+        return AudioFiles(samples, self.sample_rate, self.skip_bad_files, self.decoded_cache)
 
 
 def list_audio(directory: Path, classes: list[str]) -> list[tuple[str, int]] | None:

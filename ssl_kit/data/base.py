@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
+from ssl_kit.data.cache import DecodedCache
 from ssl_kit.data.datasets import Samples, Transformed, WithTargets, collate_skipping_bad, labels_of
 from ssl_kit.data.splits import TEST_CARVE_SEED, few_label_split, stratified_split, subsample
 from ssl_kit.transforms import ImageViews, ViewAugmentation, eval_transform
@@ -45,6 +46,9 @@ class SSLDataModule(L.LightningDataModule):
     unlabeled pool are only for monitoring (pseudo-label accuracy).
 
     ``train_subset`` / ``eval_subset``: fixed, stratified subsets of the splits (see ``subsets``).
+
+    ``cache_dir`` (file-based DataModules): decoded samples (images, resampled waveforms, video
+    frames) are kept there after their first read and memory-mapped back (``DecodedCache``).
 
     ``test_fraction`` (folder DataModules): where the data has no test split, that share of every
     class of train becomes the test set (``carve_test``), fixed whatever ``seed`` is.
@@ -81,6 +85,7 @@ class SSLDataModule(L.LightningDataModule):
         train_subset: int | None = None,
         eval_subset: int | None = None,
         test_fraction: float | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.root = root
@@ -104,6 +109,7 @@ class SSLDataModule(L.LightningDataModule):
         if test_fraction is not None and not 0.0 < test_fraction < 1.0:
             raise ValueError(f"--data.test_fraction must be in (0, 1), got {test_fraction}")
         self.test_fraction = test_fraction
+        self.decoded_cache = DecodedCache(cache_dir) if cache_dir else None
         self.splits: Splits | None = None
         self.labeled_indices: np.ndarray | None = None
         self.unlabeled_indices: np.ndarray | None = None

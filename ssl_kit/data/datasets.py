@@ -10,11 +10,14 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import ConcatDataset, Dataset, default_collate
+
+if TYPE_CHECKING:
+    from ssl_kit.data.cache import DecodedCache
 
 log = logging.getLogger(__name__)
 
@@ -121,18 +124,34 @@ class TensorSamples(Dataset):
 
 
 class LabeledFiles(Dataset):
-    """``(sample, label)`` read from files by ``read(path)``; a bad file raises
-    ``UnreadableFileError`` naming it, or yields ``None`` when ``skip_bad_files`` is set
-    (``collate_skipping_bad`` then drops and counts it). Subclasses implement ``read``."""
+    """``(sample, label)`` read from files; a bad file raises ``UnreadableFileError`` naming it, or
+    yields ``None`` when ``skip_bad_files`` is set (``collate_skipping_bad`` then drops and counts
+    it). Subclasses implement ``decode`` (the file's decoded array) and ``finish`` (the sample made
+    from it); with a ``cache`` (``ssl_kit.data.cache.DecodedCache``) each file is decoded once and
+    read back memory-mapped."""
 
-    def __init__(self, samples: Sequence[tuple[Source, int]], skip_bad_files: bool = False) -> None:
+    def __init__(self, samples: Sequence[tuple[Source, int]], skip_bad_files: bool = False, cache: DecodedCache | None = None) -> None:
         self.samples = list(samples)
         self.labels = np.array([label for _, label in self.samples], dtype=np.int64)
         self.skip_bad_files = skip_bad_files
+        self.cache = cache
+
+    def variant(self) -> str:
+        """What decoding depends on besides the file (a cache entry per variant)."""
+        return type(self).__name__
+
+    def decode(self, path: Source) -> np.ndarray:
+        """The decoded file; raises ``UnreadableFileError`` (naming ``path``) when it cannot."""
+        raise NotImplementedError
+
+    def finish(self, array: np.ndarray) -> Any:
+        """The sample made from a decoded (maybe memory-mapped, read-only) array."""
+        return array
 
     def read(self, path: Source) -> Any:
-        """The decoded sample; raises ``UnreadableFileError`` (naming ``path``) when it cannot."""
-        raise NotImplementedError
+        if self.cache is None:
+            return self.finish(self.decode(path))
+        return self.finish(self.cache.get(path, self.variant(), lambda: self.decode(path)))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -151,12 +170,15 @@ class LabeledFiles(Dataset):
 class FileImages(LabeledFiles):
     """Images read from files (any format PIL decodes), as RGB."""
 
-    def read(self, path: Source) -> Image.Image:
+    def decode(self, path: Source) -> np.ndarray:
         try:
             with Image.open(open_sample(path)) as image:
-                return image.convert("RGB")
+                return np.asarray(image.convert("RGB"))
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
             raise UnreadableFileError(f"cannot read image file {path}: {error}") from error
+
+    def finish(self, array: np.ndarray) -> Image.Image:
+        return Image.fromarray(np.asarray(array))
 
 
 class Transformed(Dataset):

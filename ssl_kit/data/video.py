@@ -22,6 +22,7 @@ from PIL import Image
 from torch import Tensor
 
 from ssl_kit.data.base import SSLDataModule, Splits
+from ssl_kit.data.cache import DecodedCache
 from ssl_kit.data.datasets import (
     IMAGE_EXTENSIONS, LabeledFiles, Samples, ShardMember, Source, TensorSamples, Transformed, UnreadableFileError, open_sample,
 )  # fmt: skip
@@ -84,14 +85,19 @@ class VideoFiles(LabeledFiles):
 
     def __init__(
         self, samples: Samples, frames_per_clip: int, stride: int, sampling: Literal["random", "center"],
-        skip_bad_files: bool = False,
+        skip_bad_files: bool = False, cache: DecodedCache | None = None,
     ) -> None:  # fmt: skip
-        super().__init__(samples, skip_bad_files)
+        super().__init__(samples, skip_bad_files, cache)
         self.frames_per_clip, self.stride, self.sampling = frames_per_clip, stride, sampling
 
-    def read(self, path: Source) -> Tensor:
-        frames = read_video(path)
-        return frames[clip_indices(len(frames), self.frames_per_clip, self.stride, self.sampling)]
+    def variant(self) -> str:
+        return "video"  # every frame is kept: clips are cut from the cached frames
+
+    def decode(self, path: Source) -> np.ndarray:
+        return read_video(path).numpy()
+
+    def finish(self, frames: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(frames[clip_indices(len(frames), self.frames_per_clip, self.stride, self.sampling)]))
 
 
 class VideoDataModule(SSLDataModule):
@@ -120,7 +126,7 @@ class VideoDataModule(SSLDataModule):
         return VideoEval(self.image_size[-1], self.mean, self.std)
 
     def files(self, samples: Samples, sampling: Literal["random", "center"]) -> VideoFiles:
-        return VideoFiles(samples, self.frames_per_clip, self.frame_stride, sampling, self.skip_bad_files)
+        return VideoFiles(samples, self.frames_per_clip, self.frame_stride, sampling, self.skip_bad_files, self.decoded_cache)
 
     def splits_from(
         self, train: Samples, val: Samples | None, test: Samples | None, groups: list[str] | None = None,
