@@ -28,16 +28,12 @@ def knn_predict(
 
 @torch.no_grad()
 def extract_features(backbone: torch.nn.Module, loader) -> tuple[Tensor, Tensor]:
-    """Features and labels of every batch of ``loader``, with the backbone in eval mode on its device.
-
-    Batches whose every file was unreadable (``None`` under ``skip_bad_files``) are skipped."""
+    """Features and labels of every batch of ``loader``, with the backbone in eval mode on its device."""
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
     features, labels = [], []
     for batch in loader:
-        if batch is None:
-            continue
         images, targets = batch
         features.append(backbone(images.to(device)).cpu())
         labels.append(targets)

@@ -585,15 +585,37 @@ def test_imagefolder_bad_file(tmp_path, caplog, damage):
     lenient = ImageFolderDataModule(str(tmp_path), image_size=16, batch_size=9, num_workers=0, skip_bad_files=True)
     with caplog.at_level(logging.WARNING, logger="ssl_kit"):
         images, labels = next(iter(lenient.labeled_dataloader("train")))
-    assert images.shape == (8, 3, 16, 16)
-    assert labels.tolist() == [0, 0, 0, 1, 1, 2, 2, 2]  # the cat at position 4 is gone
+    # the batch keeps its size (DDP ranks stay in step): the cat at position 4 is replaced by a
+    # copy of the 5th readable sample of the batch, the second cat
+    assert images.shape == (9, 3, 16, 16)
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert torch.equal(images[4], images[5])
     assert any(str(bad) in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="ssl_kit"):
         views, labels = next(iter(lenient.train_dataloader()))
-    assert len(views) == 2 and all(v.shape == (8, 3, 16, 16) for v in views)
-    assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 2, 2, 2]
+    assert len(views) == 2 and all(v.shape == (9, 3, 16, 16) for v in views)
+    assert sorted(labels.tolist()) in ([0, 0, 0, 1, 1, 1, 2, 2, 2], [0, 0, 0, 0, 1, 1, 2, 2, 2], [0, 0, 0, 1, 1, 2, 2, 2, 2])
     assert any(str(bad) in r.getMessage() for r in caplog.records)
+
+
+def test_a_batch_of_only_unreadable_files_is_filled_from_the_first_readable_one(tmp_path):
+    """With skip_bad_files, a loader whose first batch has no readable file still yields a full
+    batch (copies of the dataset's first readable sample), so no step ever sees an empty batch; a
+    dataset with no readable file at all says so."""
+    write_folder(tmp_path / "train", per_class=2)
+    write_folder(tmp_path / "val", per_class=1)
+    data = ImageFolderDataModule(str(tmp_path), image_size=16, batch_size=2, num_workers=0, skip_bad_files=True)
+    data.setup()
+    files = [Path(source) for source in sources_of(data.splits.train)]
+    for path in files[:2]:  # the whole first batch
+        path.write_bytes(b"not an image")
+    images, labels = next(iter(data.labeled_dataloader("train")))
+    assert images.shape == (2, 3, 16, 16) and torch.equal(images[0], images[1])
+    for path in files[2:]:
+        path.write_bytes(b"not an image")
+    with pytest.raises(UnreadableFileError, match="no file of the dataset"):
+        next(iter(data.labeled_dataloader("train")))
 
 
 def test_train_and_eval_subsets_are_fixed_and_stratified():

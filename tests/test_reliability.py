@@ -55,3 +55,37 @@ def test_a_truncated_checkpoint_names_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match="cut.ckpt"):
         read_checkpoint(path)
+
+
+def test_skip_bad_files_under_two_ddp_ranks_keeps_every_rank_training(tmp_path):
+    """A folder with unreadable files spread unevenly over the ranks' shards: with
+    --data.skip_bad_files every rank's batches keep their size (bad samples replaced by copies of
+    readable ones), so SimCLR's all_gather of negatives works on 2 gloo processes (it aborted with
+    ``Received data size doesn't match`` when batches were shrunk)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from conftest import REPO, TINY
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b", "c"):
+        folder = tmp_path / "images" / "train" / cls
+        folder.mkdir(parents=True)
+        for i in range(16):
+            path = folder / f"{i}.png"
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+            if i % 5 == 0:
+                path.write_bytes(b"not an image")
+    command = [
+        sys.executable, "-m", "ssl_kit.fit", "--config", str(REPO / "configs" / "simclr_imagefolder.yaml"),
+        "--data.root", str(tmp_path / "images"), "--trainer.default_root_dir", str(tmp_path / "run"), *TINY,
+        "--data.batch_size", "8", "--data.skip_bad_files", "true", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+        "--trainer.max_epochs", "1",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "unreadable file(s)" in result.stderr
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2

@@ -152,3 +152,25 @@ def test_ema_momentum_follows_a_wall_clock_budget(tmp_path, clock):
     expected = [1 - 0.1 * (math.cos(math.pi * min(1.0, (k + 1) / 10)) + 1) / 2 for k in range(len(momenta))]
     assert len(momenta) in (10, 11) and momenta == pytest.approx(expected, rel=1e-9)
     assert momenta[-1] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "config", ["simclr_digits.yaml", "barlow_twins_digits.yaml", "moco_v3_digits.yaml", "mae_digits.yaml", "msn_digits.yaml", "mean_teacher_digits.yaml"]
+)
+def test_every_method_trains_for_a_wall_clock_budget(tmp_path, clock, config):
+    """Each method under ``--trainer.max_time`` alone: it stops when the (fake, 1 s per step) clock
+    runs out and its learning rate has decayed from the peak to near zero by then."""
+    record = Record(clock=clock)
+    cli = SSLCLI(
+        args=[
+            "--config", str(REPO / "configs" / config), *TINY, "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.max_epochs", "-1", "--trainer.max_time", "00:00:00:06", "--trainer.limit_val_batches", "0",
+            "--trainer.logger", "false", "--model.warmup_epochs", "0", "--data.batch_size", "8",
+        ],
+        run=False,
+    )  # fmt: skip
+    cli.trainer.callbacks.append(record)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    lrs = list(record.lrs.values())
+    assert cli.trainer.global_step in (6, 7) and lrs[0] == pytest.approx(cli.model.hparams.lr)
+    assert all(a > b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] < 0.35 * lrs[0]

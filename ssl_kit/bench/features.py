@@ -40,9 +40,7 @@ class FeatureExtractor(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.parts.clear()
 
-    def test_step(self, batch: tuple[Tensor, tuple[Tensor, Tensor]] | None, batch_idx: int) -> None:
-        if batch is None:  # every file of the batch was unreadable and skipped
-            return
+    def test_step(self, batch: tuple[Tensor, tuple[Tensor, Tensor]], batch_idx: int) -> None:
         indices, (inputs, labels) = batch
         self.parts.append((indices, self.backbone(inputs).float(), labels))
 

@@ -262,9 +262,7 @@ class FineTuner(L.LightningModule):
     def forward(self, inputs: Tensor) -> Tensor:
         return self.head(self.backbone(inputs))
 
-    def training_step(self, batch: tuple[Tensor, Tensor] | None, batch_idx: int) -> Tensor | None:
-        if batch is None:  # every file in the batch was unreadable (skip_bad_files)
-            return None
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         inputs, labels = batch
         loss = F.cross_entropy(self(inputs), labels)
         self.log("train/loss", loss, prog_bar=True)

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_kit.data.cache import DecodedCache
-from ssl_kit.data.datasets import Samples, Transformed, WithTargets, collate_skipping_bad, labels_of
+from ssl_kit.data.datasets import RefillingCollate, Samples, Transformed, WithTargets, labels_of
 from ssl_kit.data.splits import TEST_CARVE_SEED, few_label_split, stratified_split, subsample
 from ssl_kit.transforms import ImageViews, ViewAugmentation, eval_transform
 
@@ -214,7 +214,7 @@ class SSLDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
-            collate_fn=collate_skipping_bad if self.skip_bad_files else None,
+            collate_fn=RefillingCollate(dataset) if self.skip_bad_files else None,
         )
 
     def _require_splits(self) -> Splits:

@@ -125,7 +125,7 @@ class TensorSamples(Dataset):
 
 class LabeledFiles(Dataset):
     """``(sample, label)`` read from files; a bad file raises ``UnreadableFileError`` naming it, or
-    yields ``None`` when ``skip_bad_files`` is set (``collate_skipping_bad`` then drops and counts
+    yields ``None`` when ``skip_bad_files`` is set (``RefillingCollate`` then replaces
     it). Subclasses implement ``decode`` (the file's decoded array) and ``finish`` (the sample made
     from it); with a ``cache`` (``ssl_kit.data.cache.DecodedCache``) each file is decoded once and
     read back memory-mapped."""
@@ -231,14 +231,31 @@ class Concatenated(ConcatDataset):
         return np.concatenate([labels_of(part) for part in self.datasets])
 
 
-def collate_skipping_bad(batch: list) -> Any:
-    """Default collation after dropping samples that ``FileImages`` could not read, with a log line."""
-    kept = [item for item in batch if item is not None]
-    if len(kept) < len(batch):
-        log.warning("dropped %d unreadable file(s) from a batch of %d", len(batch) - len(kept), len(batch))
-    if not kept:
-        return None
-    return default_collate(kept)
+class RefillingCollate:
+    """Collation under ``skip_bad_files``: samples that could not be read (None) are replaced by
+    copies of readable ones of the same batch (or, for a batch with none, of the dataset's first
+    readable sample), so every batch keeps its size. DDP ranks then stay in step (their collectives
+    need equal batches on every rank), BatchNorm never sees a batch of one, and no step or
+    validation sees an empty batch. Feature extraction is unaffected: a copy carries its source's
+    index, and ``FeatureExtractor`` keeps one row per index."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.spare: list = []
+
+    def __call__(self, batch: list) -> Any:
+        kept = [item for item in batch if item is not None]
+        if len(kept) < len(batch):
+            log.warning("replaced %d unreadable file(s) in a batch of %d by copies of readable ones", len(batch) - len(kept), len(batch))
+        self.spare = kept or self.spare or [self.first_readable()]
+        return default_collate([item if item is not None else self.spare[i % len(self.spare)] for i, item in enumerate(batch)])
+
+    def first_readable(self) -> Any:
+        for index in range(len(self.dataset)):
+            item = self.dataset[index]
+            if item is not None:
+                return item
+        raise UnreadableFileError(f"no file of the dataset ({len(self.dataset)} samples) could be read")
 
 
 def labels_of(dataset: Dataset) -> np.ndarray:

@@ -169,9 +169,7 @@ class SSLMethod(BackboneModule):
         return self.criterion(z0, z1), features[0]
 
     # -- training --------------------------------------------------------------------------
-    def training_step(self, batch: tuple[list[Tensor], Tensor] | None, batch_idx: int) -> Tensor | None:
-        if batch is None:  # every file in this batch was unreadable and skipped (--data.skip_bad_files)
-            return None
+    def training_step(self, batch: tuple[list[Tensor], Tensor], batch_idx: int) -> Tensor:
         views, labels = batch
         loss, features = self.training_loss(views)
         self.stop_if_not_finite(loss)
