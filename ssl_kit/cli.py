@@ -10,10 +10,12 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
 
 import ssl_kit.data  # noqa: F401 - registers DataModules for short class names
 import ssl_kit.methods  # noqa: F401 - registers methods for short class names
 import ssl_kit.transforms  # noqa: F401 - registers view augmentations for short class names
+from ssl_kit.checkpoints import AtomicCheckpointIO, resume_checkpoint
 from ssl_kit.data import SSLDataModule
 from ssl_kit.methods import BackboneModule
 
@@ -25,7 +27,8 @@ class SSLCLI(LightningCLI):
     self-training method) / ``SSLDataModule``; the data's
     ``num_classes`` and ``image_size`` are linked into the model. Two checkpoint callbacks are
     always present: ``last_checkpoint`` (``last.ckpt`` every epoch, for ``--ckpt_path last``) and
-    ``checkpoint`` (kept every ``every_n_epochs``), both in ``<default_root_dir>/checkpoints``."""
+    ``checkpoint`` (kept every ``every_n_epochs``), both in ``<default_root_dir>/checkpoints``,
+    written atomically (``AtomicCheckpointIO``); ``--ckpt_path last`` resumes the newest readable one."""
 
     def __init__(self, **kwargs) -> None:
         kwargs.setdefault("trainer_defaults", {"default_root_dir": DEFAULT_ROOT})
@@ -70,10 +73,21 @@ class SSLCLI(LightningCLI):
         for callback in callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                 callback.dirpath = str(root / "checkpoints")
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
         if config.get("logger") in (None, True):
             config["logger"] = [CSVLogger(str(root), name="csv"), TensorBoardLogger(str(root), name="tensorboard")]
             callbacks.append(LearningRateMonitor("step"))
         return super()._instantiate_trainer(config, callbacks)
+
+    def before_fit(self) -> None:
+        fit = self.config_init[self.subcommand]
+        if fit.get("ckpt_path") == "last" and self.trainer.checkpoint_callback is not None:
+            fit["ckpt_path"] = resume_checkpoint(self.trainer.checkpoint_callback.dirpath)
+            if fit["ckpt_path"] is None:
+                print(f"ssl_kit: no checkpoint in {self.trainer.checkpoint_callback.dirpath} to resume; starting from scratch", flush=True)
 
     def after_fit(self) -> None:
         trainer = self.trainer

@@ -9,28 +9,12 @@ from ``OUT.json``.
 from __future__ import annotations
 
 import argparse
-import pickle
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from ssl_kit.checkpoints import read_checkpoint
 from ssl_kit.models.backbones import backbone_spec, export_backbone
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's contents, unpickled with torch's weights-only loader: tensors, numbers,
-    strings and plain containers, never arbitrary objects, so a crafted file cannot run code. A file
-    holding anything else is refused with its name."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"refusing to load {path}: it holds objects beyond tensors and plain containers, which only a "
-            f"full unpickling (able to run code) would rebuild. ssl_kit never does that; re-save the weights. ({error})"
-        ) from error
-    except (EOFError, RuntimeError) as error:
-        raise ValueError(f"cannot read the checkpoint {path}: {error}") from error
 
 
 def backbone_from_checkpoint(ckpt_path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

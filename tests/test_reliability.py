@@ -7,7 +7,8 @@ import pickle
 import pytest
 import torch
 
-from ssl_kit.export import backbone_from_checkpoint, read_checkpoint
+from ssl_kit.checkpoints import read_checkpoint
+from ssl_kit.export import backbone_from_checkpoint
 
 
 class Payload:
@@ -89,3 +90,91 @@ def test_skip_bad_files_under_two_ddp_ranks_keeps_every_rank_training(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "unreadable file(s)" in result.stderr
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2
+
+
+def test_a_decompression_bomb_is_named_and_can_be_skipped(tmp_path, monkeypatch):
+    """PIL refuses images over twice ``MAX_IMAGE_PIXELS`` with ``DecompressionBombError`` (not an
+    OSError): it is reported naming the file, and skipped under skip_bad_files like any bad file."""
+    from PIL import Image
+
+    from ssl_kit.data import ImageFolderDataModule
+    from ssl_kit.data.datasets import UnreadableFileError
+
+    for split, count in (("train", 6), ("val", 2)):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / split / cls / f"{i}.png")
+    bomb = tmp_path / "train" / "a" / "bomb.png"
+    Image.new("RGB", (64, 64)).save(bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 > 2 x 1000: a bomb; 8 x 8 is not
+    strict = ImageFolderDataModule(str(tmp_path), image_size=8, batch_size=14, num_workers=0)
+    with pytest.raises(UnreadableFileError, match="bomb.png"):
+        next(iter(strict.labeled_dataloader("train")))
+    lenient = ImageFolderDataModule(str(tmp_path), image_size=8, batch_size=14, num_workers=0, skip_bad_files=True)
+    images, _ = next(iter(lenient.labeled_dataloader("train")))
+    assert images.shape == (13, 3, 8, 8)
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_whole(tmp_path):
+    """kill -9 while ``AtomicCheckpointIO`` rewrites a 64 MB checkpoint, with $TMPDIR on another
+    filesystem where one exists (/dev/shm: where Lightning's own writer stages the file and then
+    copies it over the target): the target is always a whole, readable checkpoint, and the next save
+    removes the partial file the killed process left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ssl_kit.checkpoints import AtomicCheckpointIO
+
+    target = tmp_path / "last.ckpt"
+    script = (
+        "import sys, torch\n"
+        "from ssl_kit.checkpoints import AtomicCheckpointIO\n"
+        "io = AtomicCheckpointIO()\n"
+        "for step in range(1000):\n"
+        "    io.save_checkpoint({'step': step, 'w': torch.full((16_000_000,), float(step))}, sys.argv[1])\n"
+        "    print(step, flush=True)\n"
+    )
+    env = dict(os.environ)
+    if os.path.isdir("/dev/shm") and os.stat("/dev/shm").st_dev != os.stat(tmp_path).st_dev:
+        env["TMPDIR"] = "/dev/shm"
+    child = subprocess.Popen([sys.executable, "-c", script, str(target)], stdout=subprocess.PIPE, text=True, env=env)
+    assert child.stdout.readline().strip() == "0"  # one whole save done
+    time.sleep(0.15)  # now inside a later save
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    saved = read_checkpoint(target)
+    assert torch.all(saved["w"] == saved["step"])
+    AtomicCheckpointIO().save_checkpoint({"step": -1}, target)
+    assert read_checkpoint(target)["step"] == -1
+    assert [path.name for path in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_resume_last_passes_over_an_unreadable_last_ckpt_and_names_it(tmp_path, capsys, caplog):
+    """``--ckpt_path last`` with a truncated last.ckpt resumes from the newest readable checkpoint
+    (saying which file it passed over) instead of failing with a bare EOFError; with no readable
+    checkpoint left it stops, naming the files."""
+    import logging
+
+    from conftest import REPO, TINY
+
+    from ssl_kit.fit import main
+
+    args = ["--config", str(REPO / "configs" / "quickstart.yaml"), *TINY, "--trainer.default_root_dir", str(tmp_path),
+            "--checkpoint.every_n_epochs", "2"]  # fmt: skip
+    main([*args, "--trainer.max_epochs", "2"])
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch0001.ckpt", "last.ckpt"]
+    last = folder / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING, logger="ssl_kit"):
+        cli = main([*args, "--trainer.max_epochs", "3", "--ckpt_path", "last"])
+    assert "last.ckpt" in caplog.text and "epoch0001.ckpt" in caplog.text
+    assert cli.trainer.current_epoch == 3 and cli.trainer.global_step == 6  # epochs 0-1 restored, epoch 2 trained
+    for path in folder.iterdir():
+        path.write_bytes(b"")
+    with pytest.raises(ValueError, match="every checkpoint in .* is unreadable"):
+        main([*args, "--trainer.max_epochs", "4", "--ckpt_path", "last"])

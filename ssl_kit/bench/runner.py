@@ -37,7 +37,7 @@ from ssl_kit.bench.store import Result, ResultStore
 from ssl_kit.cli import SSLCLI
 from ssl_kit.data.datasets import Transformed, labels_of
 from ssl_kit.data.splits import stratified_split
-from ssl_kit.export import read_checkpoint
+from ssl_kit.checkpoints import read_checkpoint, resume_checkpoint
 from ssl_kit.methods import MeanTeacher
 
 log = logging.getLogger(__name__)
@@ -109,15 +109,15 @@ class Cell:
         if "knn_curve" in self.wanted():
             every = self.protocols["knn_curve"].get("every_seconds", 60)
             cli.trainer.callbacks.append(Snapshots(self.root / "snapshots", network, every))
-        last = self.root / "checkpoints" / "last.ckpt"
-        if last.is_file():
+        last = resume_checkpoint(self.root / "checkpoints")
+        if last is not None:
             log.warning("cell %s (%s on %s, seed %d): resuming from %s", self.key, self.entry.method, self.entry.dataset, self.seed, last)
         start = time.perf_counter()
         data = cli.datamodule if loader is None else None
-        cli.trainer.fit(module, datamodule=data, train_dataloaders=loader, ckpt_path=str(last) if last.is_file() else None)
+        cli.trainer.fit(module, datamodule=data, train_dataloaders=loader, ckpt_path=last)
         seconds = time.perf_counter() - start
         if cli.trainer.interrupted:
-            raise RuntimeError(f"cell {self.key}: pretraining was interrupted; re-run the suite to resume from {last}")
+            raise RuntimeError(f"cell {self.key}: pretraining was interrupted; re-run the suite to resume from {self.root / 'checkpoints'}")
         samples = cli.trainer.global_step * cli.datamodule.batch_size * cli.trainer.world_size
         return cli, network, samples / seconds if samples and seconds > 0 else None
 

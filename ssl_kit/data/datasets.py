@@ -174,7 +174,7 @@ class FileImages(LabeledFiles):
         try:
             with Image.open(open_sample(path)) as image:
                 return np.asarray(image.convert("RGB"))
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             raise UnreadableFileError(f"cannot read image file {path}: {error}") from error
 
     def finish(self, array: np.ndarray) -> Image.Image:

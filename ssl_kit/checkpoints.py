@@ -1,0 +1,86 @@
+"""Checkpoint files that survive a kill -9 and are read without unpickling code.
+
+``AtomicCheckpointIO`` writes each checkpoint to a temporary file beside its target and renames it
+over the target: Lightning's own save stages the file in ``$TMPDIR`` and, when that is on another
+filesystem, moves it by copying, so a kill during the copy leaves a truncated ``last.ckpt`` and the
+previous good one gone. ``resume_checkpoint`` picks the newest readable checkpoint of a run for
+``--ckpt_path last``, naming any it has to pass over. ``read_checkpoint`` loads with torch's
+weights-only unpickler.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+log = logging.getLogger("ssl_kit")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's contents, unpickled with torch's weights-only loader: tensors, numbers,
+    strings and plain containers, never arbitrary objects, so a crafted file cannot run code. A file
+    holding anything else is refused with its name."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"refusing to load {path}: it holds objects beyond tensors and plain containers, which only a "
+            f"full unpickling (able to run code) would rebuild. ssl_kit never does that; re-save the weights. ({error})"
+        ) from error
+    except (EOFError, RuntimeError) as error:
+        raise ValueError(f"cannot read the checkpoint {path}: {error}") from error
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic on local disks: the bytes go to
+    ``.<name>.tmp-<pid>`` in the target's folder, are flushed to disk, then renamed over the target
+    (one filesystem, so the rename is atomic): the target is always the old or the new checkpoint,
+    whole. Remote paths (``s3://`` ...) keep Lightning's writer."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if not isinstance(get_filesystem(path), LocalFileSystem) or storage_options is not None:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a process killed mid-save
+            stale.unlink(missing_ok=True)
+        partial = target.parent / f".{target.name}.tmp-{os.getpid()}"
+        try:
+            with open(partial, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+
+
+def is_readable_checkpoint(path: Path) -> bool:
+    """Cheap completeness check: torch's zip format ends with the archive's directory, which a
+    truncated file lacks."""
+    return path.is_file() and path.stat().st_size > 0 and zipfile.is_zipfile(path)
+
+
+def resume_checkpoint(folder: str | Path) -> str | None:
+    """The checkpoint ``--ckpt_path last`` should resume: ``last.ckpt``, or when that is unreadable
+    (say, a save cut short on an old version) the newest readable ``*.ckpt`` of the folder, with a
+    warning naming what was passed over. None when the folder holds no checkpoint; an error naming
+    the files when it holds only unreadable ones."""
+    folder = Path(folder)
+    candidates = sorted(folder.glob("*.ckpt"), key=lambda p: (p.name == "last.ckpt", p.stat().st_mtime), reverse=True)
+    unreadable = [path for path in candidates if not is_readable_checkpoint(path)]
+    readable = [path for path in candidates if path not in unreadable]
+    if unreadable and readable:
+        log.warning("ssl_kit: skipping unreadable checkpoint(s) %s; resuming from %s", ", ".join(map(str, unreadable)), readable[0])
+    if unreadable and not readable:
+        raise ValueError(f"cannot resume: every checkpoint in {folder} is unreadable ({', '.join(p.name for p in unreadable)})")
+    return str(readable[0]) if readable else None
