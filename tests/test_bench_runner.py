@@ -130,6 +130,23 @@ def test_killed_suite_resumes_without_redoing_finished_cells(tmp_path):
     assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 6  # 3 epochs of 2 batches, not more
 
 
+def test_two_processes_on_one_suite_run_and_store_each_cell_once(tmp_path):
+    """Two suite processes started together on one store share the cells out through claims:
+    each cell runs once and has one row, so the report's seed counts stay true."""
+    path, suite = suite_file(tmp_path, seeds=[0, 1, 2], protocols={"knn": {"k": 5}})
+    suite["entries"] = suite["entries"][:1]
+    path.write_text(yaml.safe_dump(suite))
+    command = [sys.executable, "-m", "ssl_kit.bench", "--config", str(path)]
+    processes = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    logs = [process.communicate(timeout=600)[1] for process in processes]
+    assert all(process.returncode == 0 for process in processes), logs[0][-2000:] + logs[1][-2000:]
+    rows = ResultStore(suite["store"]).rows("tiny")
+    assert sorted(row["seed"] for row in rows) == [0, 1, 2]
+    started = [line for text in logs for line in text.splitlines() if ": SimCLR on Digits, seed" in line]
+    assert len(started) == 3, started  # no cell ran twice
+    assert any("skipped, " in text for text in logs)
+
+
 DDP_EXTRACT = textwrap.dedent(
     """
     import os, sys, torch
@@ -205,3 +222,18 @@ def test_lightly_reference_entry_and_time_to_accuracy_curve(tmp_path):
     assert "lightly SimCLR" in report and "![time_to_accuracy](time_to_accuracy.png)" in report
     assert (tmp_path / "report" / "time_to_accuracy.png").stat().st_size > 0
     assert "knn_curve" not in report  # the curve is plotted, not tabled
+
+
+def test_gpu_reference_script_runs_in_smoke_mode_and_reports_every_run(tmp_path):
+    """benchmarks/gpu_reference.sh --smoke: the GPU check's four runs (ssl_kit and lightly, SimCLR and
+    Barlow Twins) on a generated JPEG folder on the CPU, and its table of pairs/s and kNN."""
+    result = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_reference.sh"), "--smoke"], capture_output=True, text=True, timeout=900,
+        env={**__import__("os").environ, "PYTHON": sys.executable},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| run")]
+    assert sorted(line.split(" | ")[0].strip("| ") for line in table) == ["BarlowTwins", "SimCLR", "lightly BarlowTwins", "lightly SimCLR"]
+    for line in table:
+        pairs, knn = (float(cell) for cell in line.split(" | ")[1:3])
+        assert pairs > 0 and 0.0 <= knn <= 100.0

@@ -211,3 +211,35 @@ def test_html_in_headless_chromium(report, tmp_path):
     assert len(unsorted) == 12 and unsorted != sorted(unsorted, reverse=True)
     assert means(dom) == sorted(unsorted, reverse=True)  # the script ran and sorted by the hash
     assert re.search(r'<th data-key="mean" data-numeric="true" aria-sort="descending">', dom)
+
+
+def test_claims_share_cells_out_and_a_dead_or_stale_holder_frees_its_cell(tmp_path, monkeypatch):
+    """A claimed cell is refused to another owner while its holder lives; a holder whose process is
+    gone (same host) or whose lease ran out frees it; a cell with rows is finished for everyone, and
+    its rows are never written twice."""
+    import os
+    import socket
+    import subprocess
+
+    from ssl_kit.bench import store as store_module
+
+    store = ResultStore(tmp_path / "results.sqlite")
+    me = store_module.claim_owner()
+    assert store.claim("s", "c1") is None and store.claim("s", "c1") is None  # re-entrant for its owner
+    assert store.claim("s", "c1", owner="other:1") == me
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    assert store.claim("s", "c2", owner=f"{socket.gethostname()}:{dead.pid}") is None
+    assert store.claim("s", "c2") is None  # its holder's process is gone
+    assert store.claim("s", "c3", owner="elsewhere:1") is None
+    assert store.claim("s", "c3") == "elsewhere:1"
+    monkeypatch.setattr(store_module.time, "time", lambda: 1e12)  # long after: the lease ran out
+    assert store.claim("s", "c3") is None
+    monkeypatch.undo()
+    assert store.add([result("s", "c1")]) is True
+    assert store.add([result("s", "c1", metric="top5")]) is False  # a second run's rows are refused
+    assert [row["metric"] for row in store.rows("s")] == ["top1"]
+    assert store.claim("s", "c1", owner="other:1") == "finished"
+    store.release("s", "c3")
+    assert store.claim("s", "c3", owner="other:1") is None
+    assert os.getpid() == int(me.rpartition(":")[2])

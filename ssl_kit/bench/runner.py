@@ -6,7 +6,9 @@ Rules that make the numbers trustworthy: the final checkpoint is evaluated (neve
 test); the data splits are fixed (the DataModule's own seed is not varied, only the run's
 ``seed_everything``); hyper-parameters of the probes are chosen on the validation split; every
 cell records its resolved config. Resumable: finished cells (in the store) are skipped, and a
-cell interrupted during pretraining resumes from its ``last.ckpt``.
+cell interrupted during pretraining resumes from its ``last.ckpt``. Several processes may run one
+suite on one store: each claims a cell in the store before running it (``ResultStore.claim``), so
+they share the cells out and no cell runs or is stored twice.
 
 Under DDP (``--trainer.strategy ddp`` in an entry's args, or torchrun / SLURM) every rank runs
 the same cells in the same order; pretraining and feature extraction use all ranks, and rank
@@ -18,7 +20,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -33,11 +38,11 @@ from ssl_kit.bench.features import extract_datasets, extract_splits
 from ssl_kit.bench.lightly_reference import reference_pipeline
 from ssl_kit.bench.report import write_report
 from ssl_kit.bench.snapshots import Snapshots, snapshot_networks
-from ssl_kit.bench.store import Result, ResultStore
+from ssl_kit.bench.store import CLAIM_LEASE_S, Result, ResultStore
 from ssl_kit.cli import SSLCLI
 from ssl_kit.data.datasets import Transformed, labels_of
-from ssl_kit.data.splits import stratified_split
 from ssl_kit.checkpoints import read_checkpoint, resume_checkpoint
+from ssl_kit.data.splits import stratified_split
 from ssl_kit.methods import MeanTeacher
 
 log = logging.getLogger(__name__)
@@ -237,7 +242,8 @@ def run_suite(
     report: str | None = None,
     description: str = "",
 ) -> int:
-    """Runs every unfinished cell of the suite (entries x seeds); returns how many ran.
+    """Runs every unfinished cell of the suite (entries x seeds) that no other process is running;
+    returns how many this process ran.
 
     Args:
         name: the suite's name in the store (finished cells are looked up under it).
@@ -259,13 +265,41 @@ def run_suite(
     cells = [Cell(name, entry, seed, protocols, Path(workdir)) for entry in entries for seed in (entry.seeds or seeds)]
     todo = [cell for cell in cells if cell.key not in finished]
     log.warning("suite %s: %d cells, %d finished, %d to run; store %s", name, len(cells), len(cells) - len(todo), len(todo), store)
+    ran = 0
     for number, cell in enumerate(todo, 1):
+        holder = results.claim(name, cell.key)
+        if holder is not None:
+            log.warning("cell %d/%d %s: skipped, %s", number, len(todo), cell.key, "finished meanwhile" if holder == "finished" else f"being run by {holder}")
+            continue
         log.warning("cell %d/%d %s: %s on %s, seed %d", number, len(todo), cell.key, cell.entry.method, cell.entry.dataset, cell.seed)
-        rows = cell.run()
+        with _lease(results, name, cell.key):
+            rows = cell.run()
         _write(results, rows)
+        ran += 1
     if report is not None:
         _render(store, report, name, description)
-    return len(todo)
+    return ran
+
+
+@contextmanager
+def _lease(store: ResultStore, suite: str, cell: str) -> Iterator[None]:
+    """Renews this process's claim on the cell while it runs; gives it up if the run fails."""
+    done = threading.Event()
+
+    def renew() -> None:
+        while not done.wait(CLAIM_LEASE_S / 4):
+            store.renew(suite, cell)
+
+    renewer = threading.Thread(target=renew, daemon=True)
+    renewer.start()
+    try:
+        yield
+    except BaseException:
+        store.release(suite, cell)
+        raise
+    finally:
+        done.set()
+        renewer.join()
 
 
 @rank_zero_only
@@ -276,4 +310,5 @@ def _render(store: str, out: str, suite: str, description: str) -> None:
 
 @rank_zero_only
 def _write(store: ResultStore, rows: list[Result]) -> None:
-    store.add(rows)
+    if not store.add(rows):
+        log.warning("cell %s: another process stored it first; this run's rows are dropped", rows[0].cell if rows else "?")

@@ -3,6 +3,9 @@
 Each cell's rows go in one ``BEGIN IMMEDIATE`` transaction on a fresh connection in WAL mode, so a
 crashed cell leaves no partial rows and several suites (processes) can write to the same file at
 once without losing any: writers queue on the database lock (60 s busy timeout, then retries).
+A cell has rows from one run only: ``add`` refuses a cell that already has rows, and a process
+``claim``s a cell before running it (a lease kept fresh while it runs), so two processes on one
+suite split its cells instead of running each twice.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import math
 import os
 import platform
 import random
+import socket
 import sqlite3
 import subprocess
 import time
@@ -23,11 +27,14 @@ from datetime import datetime, timezone
 from functools import cache
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import ssl_kit
 
 PACKAGES = ("torch", "torchvision", "torchaudio", "lightning", "timm", "lightly", "torchmetrics", "ssl_kit")
 LOCK_RETRIES = 5
+#: A claim not renewed for this long is free again (its process died without releasing it).
+CLAIM_LEASE_S = 180.0
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS results (
@@ -51,6 +58,13 @@ SCHEMA = (
     created_at TEXT NOT NULL
 )""",
     "CREATE INDEX IF NOT EXISTS results_suite_cell ON results (suite, cell)",
+    """CREATE TABLE IF NOT EXISTS claims (
+    suite TEXT NOT NULL,
+    cell TEXT NOT NULL,
+    owner TEXT NOT NULL,  -- claim_owner() of the process running the cell
+    renewed_at REAL NOT NULL,  -- time.time()
+    PRIMARY KEY (suite, cell)
+)""",
 )
 
 
@@ -171,9 +185,11 @@ class ResultStore:
                 raise
             connection.execute("COMMIT")
 
-    def add(self, results: Iterable[Result]) -> None:
-        """Appends the rows of one cell, all or none. The busy timeout makes a writer wait for
-        another; "database is locked" that still escapes it (e.g. a WAL recovery) is retried."""
+    def add(self, results: Iterable[Result]) -> bool:
+        """Appends the rows of one cell, all or none, and releases its claim; False (nothing
+        written) when the cell already has rows, which another process wrote. The busy timeout
+        makes a writer wait for another; "database is locked" that still escapes it (e.g. a WAL
+        recovery) is retried."""
         created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         results = [
             replace(
@@ -185,15 +201,51 @@ class ResultStore:
             )
             for result in results
         ]
-        self._retry(lambda: self._insert(results))
+        return self._retry(lambda: self._insert(results))
 
-    def _insert(self, results: list[Result]) -> None:
+    def _insert(self, results: list[Result]) -> bool:
+        cells = {(result.suite, result.cell) for result in results}
         with self._transaction() as connection:
+            if any(connection.execute("SELECT 1 FROM results WHERE suite = ? AND cell = ? LIMIT 1", cell).fetchone() for cell in cells):
+                return False
             for result in results:
                 connection.execute(INSERT, _encode(result))
+            connection.executemany("DELETE FROM claims WHERE suite = ? AND cell = ?", cells)
+        return True
+
+    def claim(self, suite: str, cell: str, owner: str | None = None) -> str | None:
+        """Takes the cell for ``owner`` (this process by default) unless it has rows or another
+        live process holds it; returns None when taken, else who holds it (or ``"finished"``).
+        A holder is dead when its lease ran out, or on this host when its process is gone."""
+        owner = owner or claim_owner()
+
+        def take() -> str | None:
+            with self._transaction() as connection:
+                if connection.execute("SELECT 1 FROM results WHERE suite = ? AND cell = ? LIMIT 1", (suite, cell)).fetchone():
+                    return "finished"
+                held = connection.execute("SELECT owner, renewed_at FROM claims WHERE suite = ? AND cell = ?", (suite, cell)).fetchone()
+                if held is not None and held["owner"] != owner and _alive(held["owner"], held["renewed_at"]):
+                    return held["owner"]
+                connection.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?)", (suite, cell, owner, time.time()))
+                return None
+
+        return self._retry(take)
+
+    def renew(self, suite: str, cell: str, owner: str | None = None) -> None:
+        """Keeps a claim's lease fresh (called while the cell runs)."""
+        owner = owner or claim_owner()
+        self._retry(lambda: self._execute("UPDATE claims SET renewed_at = ? WHERE suite = ? AND cell = ? AND owner = ?", (time.time(), suite, cell, owner)))
+
+    def release(self, suite: str, cell: str, owner: str | None = None) -> None:
+        owner = owner or claim_owner()
+        self._retry(lambda: self._execute("DELETE FROM claims WHERE suite = ? AND cell = ? AND owner = ?", (suite, cell, owner)))
+
+    def _execute(self, statement: str, parameters: tuple) -> None:
+        with self._transaction() as connection:
+            connection.execute(statement, parameters)
 
     @staticmethod
-    def _retry(write: Callable[[], None]) -> None:
+    def _retry(write: Callable[[], Any]) -> Any:
         """Runs a write again, after a random back-off, when it met "database is locked"."""
         for attempt in range(LOCK_RETRIES):
             try:
@@ -214,6 +266,31 @@ class ResultStore:
         with self._connect() as connection:
             found = connection.execute(f"SELECT {', '.join(COLUMNS)} FROM results {where} ORDER BY id", parameters)
             return [_decode(row) for row in found]
+
+
+def claim_owner() -> str:
+    """Who runs a cell: one name for every rank of a DDP job. Under torchrun, the job's
+    rendezvous address (shared by its ranks on every node, unique among live jobs); a rank that
+    Lightning's launcher started, the rank-zero process that started it; else this process."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return f"torchrun:{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    pid = os.getppid() if os.environ.get("LOCAL_RANK", "0") != "0" else os.getpid()
+    return f"{socket.gethostname()}:{pid}"
+
+
+def _alive(owner: str, renewed_at: float) -> bool:
+    if time.time() - renewed_at > CLAIM_LEASE_S:
+        return False
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another machine's process: its lease decides
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _encode(result: Result) -> tuple:
