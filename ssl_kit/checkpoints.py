@@ -4,8 +4,8 @@
 over the target: Lightning's own save stages the file in ``$TMPDIR`` and, when that is on another
 filesystem, moves it by copying, so a kill during the copy leaves a truncated ``last.ckpt`` and the
 previous good one gone. ``resume_checkpoint`` picks the newest readable checkpoint of a run for
-``--ckpt_path last``, naming any it has to pass over. ``read_checkpoint`` loads with torch's
-weights-only unpickler.
+``--ckpt_path last``, naming any it has to pass over. ``RandomStateCheckpoint`` carries the random
+generators across a resume. ``read_checkpoint`` loads with torch's weights-only unpickler.
 """
 
 from __future__ import annotations
@@ -13,13 +13,16 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import random
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 log = logging.getLogger("ssl_kit")
@@ -84,3 +87,34 @@ def resume_checkpoint(folder: str | Path) -> str | None:
     if unreadable and not readable:
         raise ValueError(f"cannot resume: every checkpoint in {folder} is unreadable ({', '.join(p.name for p in unreadable)})")
     return str(readable[0]) if readable else None
+
+
+class RandomStateCheckpoint(Callback):
+    """Saves the random number generators (python, numpy, torch, CUDA) in every checkpoint and
+    restores them with it, so a resumed run draws the same data order and augmentations as an
+    uninterrupted one (Lightning restores callbacks before it builds the first data iterator, and
+    isolates the sanity check's draws). The state is rank zero's (the one that saves); with
+    ``seed_everything`` every rank starts from that same seed anyway. Loader workers keep their own
+    generators, so exact resumes need views computed in the main process (``BatchedImageViews``)
+    or ``--data.num_workers 0``. Stored as tensors and plain numbers, which ``read_checkpoint``'s
+    weights-only loader reads."""
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, position, has_gauss, gauss = np.random.get_state()
+        state = {
+            "python": random.getstate(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": position, "has_gauss": has_gauss, "gauss": gauss},
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        version, internal, gauss = state_dict["python"]
+        random.setstate((version, tuple(internal), gauss))
+        numpy = state_dict["numpy"]
+        np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"], numpy["has_gauss"], numpy["gauss"]))
+        torch.set_rng_state(state_dict["torch"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])

@@ -15,7 +15,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 import ssl_kit.data  # noqa: F401 - registers DataModules for short class names
 import ssl_kit.methods  # noqa: F401 - registers methods for short class names
 import ssl_kit.transforms  # noqa: F401 - registers view augmentations for short class names
-from ssl_kit.checkpoints import AtomicCheckpointIO, resume_checkpoint
+from ssl_kit.checkpoints import AtomicCheckpointIO, RandomStateCheckpoint, resume_checkpoint
 from ssl_kit.data import SSLDataModule
 from ssl_kit.methods import BackboneModule
 
@@ -28,7 +28,8 @@ class SSLCLI(LightningCLI):
     ``num_classes`` and ``image_size`` are linked into the model. Two checkpoint callbacks are
     always present: ``last_checkpoint`` (``last.ckpt`` every epoch, for ``--ckpt_path last``) and
     ``checkpoint`` (kept every ``every_n_epochs``), both in ``<default_root_dir>/checkpoints``,
-    written atomically (``AtomicCheckpointIO``); ``--ckpt_path last`` resumes the newest readable one."""
+    written atomically (``AtomicCheckpointIO``) with the random generators' state
+    (``RandomStateCheckpoint``); ``--ckpt_path last`` resumes the newest readable one."""
 
     def __init__(self, **kwargs) -> None:
         kwargs.setdefault("trainer_defaults", {"default_root_dir": DEFAULT_ROOT})
@@ -73,6 +74,7 @@ class SSLCLI(LightningCLI):
         for callback in callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                 callback.dirpath = str(root / "checkpoints")
+        callbacks.append(RandomStateCheckpoint())
         plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):

@@ -178,3 +178,35 @@ def test_resume_last_passes_over_an_unreadable_last_ckpt_and_names_it(tmp_path, 
         path.write_bytes(b"")
     with pytest.raises(ValueError, match="every checkpoint in .* is unreadable"):
         main([*args, "--trainer.max_epochs", "4", "--ckpt_path", "last"])
+
+
+def test_an_interrupted_run_resumed_from_last_ends_where_an_uninterrupted_one_does(tmp_path):
+    """Three epochs in one go, and the same run stopped after two then resumed with ``--ckpt_path
+    last``: with the random generators restored the third epoch draws the same data order and
+    views, so the final weights are the same (without them it restarts the generators from the
+    seed and ends elsewhere)."""
+    from conftest import REPO, TINY
+    from lightning.pytorch.callbacks import Callback
+
+    from ssl_kit.checkpoints import read_checkpoint
+    from ssl_kit.cli import SSLCLI
+    from ssl_kit.fit import main
+
+    class StopAfterTwoEpochs(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = trainer.current_epoch == 1
+
+    def args(folder):
+        return ["--config", str(REPO / "configs" / "quickstart.yaml"), *TINY, "--trainer.default_root_dir", str(tmp_path / folder),
+                "--trainer.max_epochs", "3"]  # fmt: skip
+
+    main(args("straight"))
+    interrupted = SSLCLI(args=args("resumed"), run=False)
+    interrupted.trainer.callbacks.insert(0, StopAfterTwoEpochs())
+    interrupted.trainer.fit(interrupted.model, datamodule=interrupted.datamodule)
+    assert read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["global_step"] == 4
+    main([*args("resumed"), "--ckpt_path", "last"])
+    straight, resumed = (read_checkpoint(tmp_path / run / "checkpoints" / "last.ckpt") for run in ("straight", "resumed"))
+    assert resumed["global_step"] == straight["global_step"] == 6
+    for name, weight in straight["state_dict"].items():
+        assert torch.allclose(resumed["state_dict"][name].float(), weight.float(), atol=1e-6), name
