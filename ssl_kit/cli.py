@@ -20,6 +20,19 @@ from ssl_kit.data import SSLDataModule
 from ssl_kit.methods import BackboneModule
 
 DEFAULT_ROOT = "runs/default"
+BATCH_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
+
+
+def warn_on_whole_epoch_limits(args: list[str]) -> None:
+    """``--trainer.limit_train_batches 1`` reads as 1.0 on the command line (jsonargparse takes the
+    float): the whole epoch, not the one batch it looks like. Say so."""
+    for index, arg in enumerate(args):
+        key, _, value = arg.partition("=")
+        if not value and index + 1 < len(args):
+            value = args[index + 1]
+        if key.removeprefix("--trainer.") in BATCH_LIMITS and key.startswith("--trainer.") and value.strip() == "1":
+            print(f"ssl_kit: warning: {key} 1 is read as 1.0, every batch of the epoch; for a short run give "
+                  f"2 or more batches or a fraction such as 0.01", file=sys.stderr, flush=True)  # fmt: skip
 
 
 class SSLCLI(LightningCLI):
@@ -44,6 +57,7 @@ class SSLCLI(LightningCLI):
         # warning against giving both would fire on every command-line run.
         with mock.patch.object(sys, "argv", sys.argv[:1]):
             super().parse_arguments(parser, args)
+        warn_on_whole_epoch_limits(args if isinstance(args, list) else [])
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
@@ -90,6 +104,12 @@ class SSLCLI(LightningCLI):
             fit["ckpt_path"] = resume_checkpoint(self.trainer.checkpoint_callback.dirpath)
             if fit["ckpt_path"] is None:
                 print(f"ssl_kit: no checkpoint in {self.trainer.checkpoint_callback.dirpath} to resume; starting from scratch", flush=True)
+        skipped = self.datamodule.skipped_files
+        if skipped is not None:  # --data.skip_bad_files: list what is skipped in the run folder
+            skipped.path = Path(self.trainer.default_root_dir) / "skipped_files.txt"
+            if fit.get("ckpt_path") is None and self.trainer.is_global_zero:
+                skipped.path.parent.mkdir(parents=True, exist_ok=True)
+                skipped.path.write_text("")
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -100,6 +120,8 @@ class SSLCLI(LightningCLI):
         for key in ("val/probe_acc", "val/knn_acc", "val/teacher_acc", "train/loss"):
             if key in metrics:
                 lines.append(f"  {key:<15} {float(metrics[key]):.4f}")
+        if self.datamodule.skipped_files is not None:
+            lines.append(f"  bad files       {self.datamodule.skipped_files.summary() or 'none skipped'}")
         if trainer.checkpoint_callback is not None:
             lines.append(f"  checkpoints     {trainer.checkpoint_callback.dirpath}")
         for logger in trainer.loggers:

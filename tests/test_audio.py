@@ -49,6 +49,22 @@ def test_corrupt_and_empty_audio_files_name_the_file(tmp_path):
         read_audio(empty, 8000)
 
 
+def test_a_wav_of_nans_is_named_not_blamed_on_the_learning_rate(tmp_path):
+    """A float wav holding NaN decodes fine but would make the loss NaN steps later; the loader
+    refuses it naming the file (and skips it under skip_bad_files)."""
+    from ssl_kit.data.audio import AudioFiles
+
+    path = tmp_path / "nan.wav"
+    samples = tone(300, 8000, seconds=0.2)
+    samples[100:200] = np.nan
+    soundfile.write(path, samples, 8000, subtype="FLOAT")
+    with pytest.raises(UnreadableFileError, match="nan.wav holds NaN or infinite values"):
+        AudioFiles([(str(path), 0)], 8000)[0]
+    from ssl_kit.data.datasets import SkippedFiles
+
+    assert AudioFiles([(str(path), 0)], 8000, SkippedFiles())[0] is None
+
+
 def test_short_clips_are_padded_and_long_ones_cropped():
     wave = torch.arange(1.0, 11.0)
     assert fit_length(wave, 4, "center").tolist() == [4.0, 5.0, 6.0, 7.0]

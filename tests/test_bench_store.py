@@ -184,6 +184,13 @@ def test_report_errors_name_the_store(tmp_path, report):
         write_report(tmp_path / "empty.sqlite", tmp_path / "out")
     with pytest.raises(ValueError, match="results.sqlite has no results for suite 'other'"):
         write_report(report["html"].parents[1] / "results.sqlite", tmp_path / "out", suite="other")
+    # a file that is not a store is named, and left as it was (no schema written into it)
+    for name, content in (("notes.txt", b"my notes\n"), ("corrupt.sqlite", b"SQLite format 3\x00" + bytes(200))):
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=f"{name} is not a readable ssl_kit results store"):
+            write_report(path, tmp_path / "out")
+        assert path.read_bytes() == content
 
 
 def browser() -> str | None:

@@ -100,16 +100,24 @@ def test_training_writes_csv_and_tensorboard_logs_and_prints_summary(tmp_path, c
 class ExplodingSimCLR(SimCLR):
     """SimCLR whose loss becomes NaN from the third optimizer step on."""
 
+    explode_at = 2
+
     def training_loss(self, views):
         loss, features = super().training_loss(views)
-        if self.global_step >= 2:
+        if self.global_step >= self.explode_at:
             loss = loss * float("nan")
         return loss, features
 
 
+class ExplodingAtOnceSimCLR(ExplodingSimCLR):
+    explode_at = 0
+
+
 def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_path):
-    with pytest.raises(NonFiniteLossError, match=r"training loss is nan at epoch 1, global step 2"):
+    with pytest.raises(NonFiniteLossError, match=r"training loss is nan at epoch 1, global step 2.*The last good checkpoint is .*last.ckpt"):
         fit("quickstart.yaml", tmp_path, "--trainer.max_epochs", "3", "--model", f"{__name__}.ExplodingSimCLR")
+    with pytest.raises(NonFiniteLossError, match=r"No checkpoint was written before it: run again \(without --ckpt_path\)"):
+        fit("quickstart.yaml", tmp_path / "at_once", "--trainer.max_epochs", "3", "--model", f"{__name__}.ExplodingAtOnceSimCLR")
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
@@ -128,9 +136,10 @@ def test_export_loads_into_plain_timm_model(tmp_path):
     assert torch.equal(restored.backbone.conv1.weight, model.conv1.weight)
 
 
-def test_export_rebuilds_small_image_variant(tmp_path):
+def test_export_rebuilds_small_image_variant(tmp_path, capsys):
     fit("quickstart.yaml", tmp_path, "--trainer.max_epochs", "1")
     out = export_main([str(tmp_path / "checkpoints" / "last.ckpt"), str(tmp_path / "backbone.pt")])
+    assert "load it with ssl_kit.models.load_exported_backbone(" in capsys.readouterr().out  # plain timm cannot
     model = load_exported_backbone(out)
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert model.conv1.kernel_size == (3, 3)

@@ -66,6 +66,8 @@ def test_skip_bad_files_under_two_ddp_ranks_keeps_every_rank_training(tmp_path):
     import subprocess
     import sys
 
+    from pathlib import Path
+
     import numpy as np
     from PIL import Image
 
@@ -88,7 +90,10 @@ def test_skip_bad_files_under_two_ddp_ranks_keeps_every_rank_training(tmp_path):
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "unreadable file(s)" in result.stderr
+    # the run ends with one summary line and a listing of the distinct files it skipped, on every rank
+    assert "unreadable file(s) (--data.skip_bad_files), listed in" in result.stdout
+    listed = set((tmp_path / "run" / "skipped_files.txt").read_text().splitlines())
+    assert listed and all(int(Path(path).stem) % 5 == 0 for path in listed)
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2
 
 
@@ -210,3 +215,52 @@ def test_an_interrupted_run_resumed_from_last_ends_where_an_uninterrupted_one_do
     assert resumed["global_step"] == straight["global_step"] == 6
     for name, weight in straight["state_dict"].items():
         assert torch.allclose(resumed["state_dict"][name].float(), weight.float(), atol=1e-6), name
+
+
+def test_folder_errors_are_one_clear_sentence(tmp_path):
+    """A missing root, an empty train/ and a train/ with one class folder each stop with a sentence
+    naming the folder (the command line prints it last, once, not inside jsonargparse's chained
+    tracebacks); the single-class case says why two classes are needed."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from conftest import REPO
+
+    from ssl_kit.data import ImageFolderDataModule
+
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"empty/train has no class folders"):
+        ImageFolderDataModule(str(tmp_path / "empty"))
+    (tmp_path / "one" / "train" / "cats").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "one" / "train" / "cats" / "0.png")
+    with pytest.raises(ValueError, match=r"one/train has one class folder \(cats\).*at least 2 classes"):
+        ImageFolderDataModule(str(tmp_path / "one"))
+    missing = tmp_path / "missing"
+    result = subprocess.run(
+        [sys.executable, "-m", "ssl_kit.fit", "--config", str(REPO / "configs" / "simclr_imagefolder.yaml"), "--data.root", str(missing)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) <= 3, result.stderr[-2000:]
+    assert lines[-1] == f"ssl_kit: error: ImageFolder folder root {missing} has no train/ directory: expected {missing}/train/<class>/*"
+
+
+def test_a_suite_name_that_cannot_be_a_folder_is_refused(tmp_path):
+    from ssl_kit.bench.runner import run_suite
+
+    for name in ("../escape", "a/b", ".."):
+        with pytest.raises(ValueError, match="cannot name a folder"):
+            run_suite(name, [], store=str(tmp_path / "s.sqlite"), workdir=str(tmp_path / "runs"))
+    assert not (tmp_path / "s.sqlite").exists()
+
+
+def test_limit_batches_of_1_warns_that_it_means_the_whole_epoch(capsys):
+    from conftest import REPO
+
+    from ssl_kit.cli import SSLCLI
+
+    cli = SSLCLI(args=["--config", str(REPO / "configs" / "quickstart.yaml"), "--trainer.limit_train_batches", "1", "--trainer.logger", "false"], run=False)
+    assert cli.trainer.limit_train_batches == 1.0
+    assert "--trainer.limit_train_batches 1 is read as 1.0" in capsys.readouterr().err

@@ -368,7 +368,7 @@ def write_report(store_path: str | Path, out_dir: str | Path, suite: str | None 
     store_path, out_dir = Path(store_path), Path(out_dir)
     if not store_path.is_file():
         raise FileNotFoundError(f"no results store at {store_path}")
-    every_row = ResultStore(store_path).rows(suite)
+    every_row = ResultStore(store_path, read_only=True).rows(suite)
     if not every_row:
         raise ValueError(f"the results store {store_path} has no results" + (f" for suite {suite!r}" if suite is not None else ""))
     rows = [row for row in every_row if row["protocol"] != CURVE]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -115,6 +116,7 @@ class Cell:
             every = self.protocols["knn_curve"].get("every_seconds", 60)
             cli.trainer.callbacks.append(Snapshots(self.root / "snapshots", network, every))
         last = resume_checkpoint(self.root / "checkpoints")
+        done_before = read_checkpoint(last)["global_step"] if last is not None else 0
         if last is not None:
             log.warning("cell %s (%s on %s, seed %d): resuming from %s", self.key, self.entry.method, self.entry.dataset, self.seed, last)
         start = time.perf_counter()
@@ -123,7 +125,7 @@ class Cell:
         seconds = time.perf_counter() - start
         if cli.trainer.interrupted:
             raise RuntimeError(f"cell {self.key}: pretraining was interrupted; re-run the suite to resume from {self.root / 'checkpoints'}")
-        samples = cli.trainer.global_step * cli.datamodule.batch_size * cli.trainer.world_size
+        samples = (cli.trainer.global_step - done_before) * cli.datamodule.batch_size * cli.trainer.world_size  # this process's steps
         return cli, network, samples / seconds if samples and seconds > 0 else None
 
     def training_run(self, cli: SSLCLI) -> tuple[L.LightningModule, nn.Module, DataLoader | None]:
@@ -259,6 +261,8 @@ def run_suite(
         report: a folder where the suite's leaderboard (Markdown, HTML, PNG) is rendered at the end.
         description: Markdown shown under the report's title: the budget, the command that made it.
     """
+    if not re.fullmatch(r"[\w.()+ -]+", name) or name.strip(".") == "":
+        raise ValueError(f"suite name {name!r} cannot name a folder under {workdir}: use letters, digits, spaces and . _ - ( ) +")
     results = ResultStore(store)
     finished = results.finished_cells(name)
     entries = [replace(entry, args=[*dataset_args.get(entry.dataset, []), *entry.args]) for entry in entries]

@@ -153,8 +153,14 @@ def _cpu_model() -> str:
 class ResultStore:
     """Benchmark results in an SQLite file, safe for concurrent writers in several processes."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, read_only: bool = False) -> None:
+        """``read_only``: an existing store, opened without writing (reports); a file that is not a
+        results store is refused with its name."""
         self.path = Path(path)
+        self.read_only = read_only
+        if read_only:
+            self.rows(suite="")  # fails here, naming the file, when it is not a readable store
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._retry(self._create)
 
@@ -169,7 +175,8 @@ class ResultStore:
     def _connect(self) -> Iterator[sqlite3.Connection]:
         """A fresh connection (never shared across processes or threads) that waits up to 60 s for
         the lock, in autocommit mode so that transactions are the explicit ``BEGIN IMMEDIATE`` ones."""
-        with closing(sqlite3.connect(self.path, timeout=60, isolation_level=None)) as connection:
+        target, uri = (f"file:{self.path}?mode=ro", True) if self.read_only else (str(self.path), False)
+        with closing(sqlite3.connect(target, timeout=60, isolation_level=None, uri=uri)) as connection:
             connection.row_factory = sqlite3.Row
             yield connection
 
@@ -263,9 +270,12 @@ class ResultStore:
     def rows(self, suite: str | None = None) -> list[dict]:
         """Every result (of one suite, or all) in insertion order, as ``Result`` fields."""
         where, parameters = ("WHERE suite = ?", (suite,)) if suite is not None else ("", ())
-        with self._connect() as connection:
-            found = connection.execute(f"SELECT {', '.join(COLUMNS)} FROM results {where} ORDER BY id", parameters)
-            return [_decode(row) for row in found]
+        try:
+            with self._connect() as connection:
+                found = connection.execute(f"SELECT {', '.join(COLUMNS)} FROM results {where} ORDER BY id", parameters)
+                return [_decode(row) for row in found]
+        except sqlite3.DatabaseError as error:
+            raise ValueError(f"{self.path} is not a readable ssl_kit results store ({error})") from error
 
 
 def claim_owner() -> str:

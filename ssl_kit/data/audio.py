@@ -17,7 +17,7 @@ from torch import Tensor
 from ssl_kit.data.base import SSLDataModule, Splits
 from ssl_kit.data.cache import DecodedCache
 from ssl_kit.data.datasets import (
-    LabeledFiles, Samples, Source, TensorSamples, Transformed, UnreadableFileError, class_folder_samples, open_sample,
+    LabeledFiles, Samples, SkippedFiles, Source, TensorSamples, Transformed, UnreadableFileError, class_folder_samples, open_sample,
 )  # fmt: skip
 from ssl_kit.data.sources import sample_source
 from ssl_kit.data.download import download_and_extract, obtain
@@ -48,8 +48,8 @@ def read_audio(path: Source | Path, sample_rate: int) -> Tensor:
 class AudioFiles(LabeledFiles):
     """Waveforms read from audio files at ``sample_rate`` (see ``read_audio``)."""
 
-    def __init__(self, samples: Samples, sample_rate: int, skip_bad_files: bool = False, cache: DecodedCache | None = None) -> None:
-        super().__init__(samples, skip_bad_files, cache)
+    def __init__(self, samples: Samples, sample_rate: int, skipped: SkippedFiles | None = None, cache: DecodedCache | None = None) -> None:
+        super().__init__(samples, skipped, cache)
         self.sample_rate = sample_rate
 
     def variant(self) -> str:
@@ -105,7 +105,7 @@ class AudioDataModule(SSLDataModule):
         return AudioEval(self.frontend, self.clip_samples)
 
     def files(self, samples: Samples) -> AudioFiles:
-        return AudioFiles(samples, self.sample_rate, self.skip_bad_files, self.decoded_cache)
+        return AudioFiles(samples, self.sample_rate, self.skipped_files, self.decoded_cache)
 
 
 def list_audio(directory: Path, classes: list[str]) -> list[tuple[str, int]] | None:

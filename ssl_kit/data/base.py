@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_kit.data.cache import DecodedCache
-from ssl_kit.data.datasets import RefillingCollate, Samples, Transformed, WithTargets, labels_of
+from ssl_kit.data.datasets import RefillingCollate, Samples, SkippedFiles, Transformed, WithTargets, labels_of
 from ssl_kit.data.splits import TEST_CARVE_SEED, few_label_split, stratified_split, subsample
 from ssl_kit.transforms import ImageViews, ViewAugmentation, eval_transform
 
@@ -98,6 +98,7 @@ class SSLDataModule(L.LightningDataModule):
         self.seed = seed
         self.knn_bank_size = knn_bank_size
         self.skip_bad_files = skip_bad_files
+        self.skipped_files = SkippedFiles() if skip_bad_files else None
         self.download = download
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers

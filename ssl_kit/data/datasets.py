@@ -123,17 +123,40 @@ class TensorSamples(Dataset):
         return self.samples[index], int(self.labels[index])
 
 
+class SkippedFiles:
+    """What ``skip_bad_files`` skipped: a warning per skip and, once ``path`` is set (the CLI sets
+    ``<run>/skipped_files.txt``), a line per skip appended there by every loader worker (short
+    appends are atomic), so a run ends with a count and a listing instead of lines scattered over
+    epochs."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+
+    def record(self, source: Source, error: Exception) -> None:
+        log.warning("skipping %s", error)
+        if self.path is not None:
+            with open(self.path, "a") as listing:
+                listing.write(f"{source}\n")
+
+    def summary(self) -> str | None:
+        """One line: how many distinct files were skipped and where they are listed; None if none."""
+        if self.path is None or not self.path.is_file():
+            return None
+        skipped = set(self.path.read_text().splitlines())
+        return f"skipped {len(skipped)} unreadable file(s) (--data.skip_bad_files), listed in {self.path}" if skipped else None
+
+
 class LabeledFiles(Dataset):
-    """``(sample, label)`` read from files; a bad file raises ``UnreadableFileError`` naming it, or
-    yields ``None`` when ``skip_bad_files`` is set (``RefillingCollate`` then replaces
-    it). Subclasses implement ``decode`` (the file's decoded array) and ``finish`` (the sample made
+    """``(sample, label)`` read from files; a bad file raises ``UnreadableFileError`` naming it, or,
+    with a ``skipped`` recorder (``--data.skip_bad_files``), is recorded there and yields ``None``
+    (``RefillingCollate`` then replaces it). Subclasses implement ``decode`` (the file's decoded array) and ``finish`` (the sample made
     from it); with a ``cache`` (``ssl_kit.data.cache.DecodedCache``) each file is decoded once and
     read back memory-mapped."""
 
-    def __init__(self, samples: Sequence[tuple[Source, int]], skip_bad_files: bool = False, cache: DecodedCache | None = None) -> None:
+    def __init__(self, samples: Sequence[tuple[Source, int]], skipped: SkippedFiles | None = None, cache: DecodedCache | None = None) -> None:
         self.samples = list(samples)
         self.labels = np.array([label for _, label in self.samples], dtype=np.int64)
-        self.skip_bad_files = skip_bad_files
+        self.skipped = skipped
         self.cache = cache
 
     def variant(self) -> str:
@@ -150,8 +173,16 @@ class LabeledFiles(Dataset):
 
     def read(self, path: Source) -> Any:
         if self.cache is None:
-            return self.finish(self.decode(path))
-        return self.finish(self.cache.get(path, self.variant(), lambda: self.decode(path)))
+            return self.finish(self.checked(path))
+        return self.finish(self.cache.get(path, self.variant(), lambda: self.checked(path)))
+
+    def checked(self, path: Source) -> np.ndarray:
+        """The decoded file, refused (naming it) when it holds NaN or infinite values, which would
+        otherwise surface later as a non-finite loss blamed on the learning rate."""
+        array = self.decode(path)
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise UnreadableFileError(f"{path} holds NaN or infinite values")
+        return array
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -161,8 +192,8 @@ class LabeledFiles(Dataset):
         try:
             return self.read(path), label
         except UnreadableFileError as error:
-            if self.skip_bad_files:
-                log.warning("skipping %s", error)
+            if self.skipped is not None:
+                self.skipped.record(path, error)
                 return None
             raise UnreadableFileError(f"{error}. Fix or remove it, or pass --data.skip_bad_files true to skip unreadable files.") from error
 
@@ -302,4 +333,13 @@ def class_names(root: str, kind: str) -> list[str]:
     train_dir = Path(root).expanduser() / "train"
     if not train_dir.is_dir():
         raise FileNotFoundError(f"{kind} folder root {root} has no train/ directory: expected {train_dir}/<class>/*")
-    return sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{train_dir} has no class folders: put each class's files in {train_dir}/<class>/")
+    if len(classes) == 1:
+        raise ValueError(
+            f"{train_dir} has one class folder ({classes[0]}): the online monitors (linear probe, kNN) and the "
+            f"benchmark protocols need at least 2 classes. For unlabeled files, split them into 2 or more folders "
+            f"(any grouping pretrains the same; only the monitors read the labels)."
+        )
+    return classes

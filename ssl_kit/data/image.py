@@ -243,7 +243,7 @@ class ImageFolderDataModule(SSLDataModule):
         self.num_classes = len(self.classes)
 
     def _files(self, samples: Samples | None) -> FileImages | None:
-        return None if samples is None else FileImages(samples, self.skip_bad_files, self.decoded_cache)
+        return None if samples is None else FileImages(samples, self.skipped_files, self.decoded_cache)
 
     def load_splits(self) -> Splits:
         train, test = self.carve_test(self.source.split("train"), self.source.split("test"))

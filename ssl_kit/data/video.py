@@ -24,7 +24,7 @@ from torch import Tensor
 from ssl_kit.data.base import SSLDataModule, Splits
 from ssl_kit.data.cache import DecodedCache
 from ssl_kit.data.datasets import (
-    IMAGE_EXTENSIONS, LabeledFiles, Samples, ShardMember, Source, TensorSamples, Transformed, UnreadableFileError, open_sample,
+    IMAGE_EXTENSIONS, LabeledFiles, Samples, ShardMember, SkippedFiles, Source, TensorSamples, Transformed, UnreadableFileError, open_sample,
 )  # fmt: skip
 from ssl_kit.data.sources import FRAMES_SUFFIX, SampleSource, is_sharded, sample_source
 from ssl_kit.data.splits import stratified_split
@@ -85,9 +85,9 @@ class VideoFiles(LabeledFiles):
 
     def __init__(
         self, samples: Samples, frames_per_clip: int, stride: int, sampling: Literal["random", "center"],
-        skip_bad_files: bool = False, cache: DecodedCache | None = None,
+        skipped: SkippedFiles | None = None, cache: DecodedCache | None = None,
     ) -> None:  # fmt: skip
-        super().__init__(samples, skip_bad_files, cache)
+        super().__init__(samples, skipped, cache)
         self.frames_per_clip, self.stride, self.sampling = frames_per_clip, stride, sampling
 
     def variant(self) -> str:
@@ -126,7 +126,7 @@ class VideoDataModule(SSLDataModule):
         return VideoEval(self.image_size[-1], self.mean, self.std)
 
     def files(self, samples: Samples, sampling: Literal["random", "center"]) -> VideoFiles:
-        return VideoFiles(samples, self.frames_per_clip, self.frame_stride, sampling, self.skip_bad_files, self.decoded_cache)
+        return VideoFiles(samples, self.frames_per_clip, self.frame_stride, sampling, self.skipped_files, self.decoded_cache)
 
     def splits_from(
         self, train: Samples, val: Samples | None, test: Samples | None, groups: list[str] | None = None,

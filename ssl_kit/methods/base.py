@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from ssl_kit.checkpoints import resume_checkpoint
 from ssl_kit.evaluation import knn_predict
 from ssl_kit.models.backbones import backbone_spec, build_from_spec
 from ssl_kit.optim import OptimizerName, TrainingBudget, build_optimizer, decay_groups, warmup_cosine_config
@@ -91,13 +93,17 @@ class BackboneModule(L.LightningModule):
         if self.trainer.world_size > 1:
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if not finite:
-            callback = self.trainer.checkpoint_callback
-            where = getattr(callback, "dirpath", None) or "(no checkpoint callback)"
+            folder = getattr(self.trainer.checkpoint_callback, "dirpath", None)
+            last = resume_checkpoint(folder) if folder and Path(folder).is_dir() else None
+            advice = (
+                f"The last good checkpoint is {last}: resume from it with --ckpt_path last."
+                if last
+                else "No checkpoint was written before it: run again (without --ckpt_path)."
+            )
             raise NonFiniteLossError(
-                f"training loss is {loss.item()} at epoch {self.current_epoch}, global step {self.global_step}. "
-                "Stopped before the optimizer step; checkpoints already written are untouched "
-                f"(last good one in {where}). Lower --model.lr, lengthen --model.warmup_epochs "
-                "or set --trainer.gradient_clip_val, then resume with --ckpt_path last."
+                f"training loss is {loss.item()} at epoch {self.current_epoch}, global step {self.global_step}; "
+                "stopped before the optimizer step. Lower --model.lr, lengthen --model.warmup_epochs or set "
+                f"--trainer.gradient_clip_val. {advice}"
             )
 
     # -- optimisation ----------------------------------------------------------------------
