@@ -237,3 +237,16 @@ def test_gpu_reference_script_runs_in_smoke_mode_and_reports_every_run(tmp_path)
     for line in table:
         pairs, knn = (float(cell) for cell in line.split(" | ")[1:3])
         assert pairs > 0 and 0.0 <= knn <= 100.0
+
+
+def test_a_resumed_cell_counts_only_its_own_steps_in_its_throughput(tmp_path):
+    """Pretraining throughput is this process's steps over this process's time: a cell resumed from
+    a finished run trains no more steps, so it has no throughput (it divided all 4 steps by the
+    resumed run's second before)."""
+    from ssl_kit.bench.runner import Entry
+
+    entry = Entry(method="SimCLR", dataset="Digits", config=str(REPO / "configs" / "simclr_digits.yaml"), args=[*TINY_ARGS, "--trainer.max_epochs", "2"])
+    cell = Cell("tiny", entry, 0, {"knn": {"k": 5}}, tmp_path)
+    first = cell.pretrain()[2]
+    assert first is not None and first > 0
+    assert cell.pretrain()[2] is None
