@@ -85,6 +85,12 @@ def cell_key(suite: str, entry: Entry, seed: int, protocols: dict[str, dict[str,
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
 
+def backbone_label(name: str, kwargs: dict[str, Any] | None) -> str:
+    """The backbone as the report shows it: timm's name and the keyword arguments that change the
+    network (``vit_tiny_patch16_224 depth=4 patch_size=4``), so two variants never pool as seeds."""
+    return " ".join([name, *(f"{key}={json.dumps(value).replace(' ', '')}" for key, value in sorted((kwargs or {}).items()))])
+
+
 def jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
@@ -156,7 +162,7 @@ class Cell:
         return [
             Result(
                 suite=self.suite, cell=self.key, method=self.entry.method, dataset=self.entry.dataset,
-                backbone=model.hparams.backbone, protocol=protocol, metric=metric, value=value, seed=self.seed,
+                backbone=backbone_label(model.hparams.backbone, model.hparams.get("backbone_kwargs")), protocol=protocol, metric=metric, value=value, seed=self.seed,
                 config={"fit": resolved, "pipeline": self.entry.pipeline, "protocol": {**self.protocols.get(protocol, {}), **chosen.get(protocol, {})}},
                 wall_time_s=wall_time, throughput=throughput, epochs=epochs,
             )  # fmt: skip
