@@ -215,7 +215,7 @@ class SSLDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
-            collate_fn=RefillingCollate(dataset) if self.skip_bad_files else None,
+            collate_fn=RefillingCollate(dataset) if self.skipped_files is not None else None,
         )
 
     def _require_splits(self) -> Splits:

@@ -149,9 +149,9 @@ class SkippedFiles:
 class LabeledFiles(Dataset):
     """``(sample, label)`` read from files; a bad file raises ``UnreadableFileError`` naming it, or,
     with a ``skipped`` recorder (``--data.skip_bad_files``), is recorded there and yields ``None``
-    (``RefillingCollate`` then replaces it). Subclasses implement ``decode`` (the file's decoded array) and ``finish`` (the sample made
-    from it); with a ``cache`` (``ssl_kit.data.cache.DecodedCache``) each file is decoded once and
-    read back memory-mapped."""
+    (``RefillingCollate`` then replaces it). Subclasses implement ``decode`` (the file's decoded
+    array) and ``finish`` (the sample made from it); with a ``cache``
+    (``ssl_kit.data.cache.DecodedCache``) each file is decoded once and read back memory-mapped."""
 
     def __init__(self, samples: Sequence[tuple[Source, int]], skipped: SkippedFiles | None = None, cache: DecodedCache | None = None) -> None:
         self.samples = list(samples)
