@@ -36,10 +36,10 @@ def _one_thread():
     yield
 
 
-def test_extract_keeps_order_skips_empty_batches_and_restores_mode():
+def test_extract_keeps_order_and_restores_mode():
     backbone = nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.5)).train()
     inputs = torch.randn(5, 3)
-    loader = [(inputs[:2], torch.tensor([0, 1])), None, (inputs[2:], torch.tensor([1, 0, 1]))]
+    loader = [(inputs[:2], torch.tensor([0, 1])), (inputs[2:], torch.tensor([1, 0, 1]))]
     features = P.extract(backbone, loader)
     assert backbone.training
     assert torch.allclose(features.features, backbone.eval()(inputs).detach())
