@@ -36,7 +36,7 @@ from ssl_kit.data.base import SSLDataModule
 from ssl_kit.data.datasets import Transformed
 from ssl_kit.data.image import DigitsDataModule, MNISTDataModule
 from ssl_kit.checkpoints import read_checkpoint
-from ssl_kit.export import backbone_from_checkpoint
+from ssl_kit.models import backbone_from_checkpoint
 from ssl_kit.models.backbones import build_from_spec
 from ssl_kit.optim import warmup_cosine
 

@@ -14,6 +14,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 import ssl_kit.data  # noqa: F401 - registers DataModules for short class names
 import ssl_kit.methods  # noqa: F401 - registers methods for short class names
+import ssl_kit.semi  # noqa: F401 - registers self-training methods for short class names
 import ssl_kit.transforms  # noqa: F401 - registers view augmentations for short class names
 from ssl_kit.checkpoints import AtomicCheckpointIO, RandomStateCheckpoint, resume_checkpoint
 from ssl_kit.data import SSLDataModule

@@ -10,24 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from ssl_kit.checkpoints import read_checkpoint
-from ssl_kit.models.backbones import backbone_spec, export_backbone
-
-
-def backbone_from_checkpoint(ckpt_path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The backbone state dict and its build spec, read from an ssl_kit Lightning checkpoint
-    (for a ``MeanTeacher`` checkpoint: the teacher's backbone, the model it delivers)."""
-    checkpoint = read_checkpoint(ckpt_path)
-    hparams = checkpoint.get("hyper_parameters", {})
-    if "backbone" not in hparams or "state_dict" not in checkpoint:
-        raise ValueError(f"{ckpt_path} is not an ssl_kit method checkpoint (no backbone hyper-parameter)")
-    # Self-training checkpoints deliver their EMA teacher; pretraining ones their backbone.
-    prefix = "teacher_backbone." if any(k.startswith("teacher_backbone.") for k in checkpoint["state_dict"]) else "backbone."
-    state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    spec = backbone_spec(hparams["backbone"], hparams["image_size"], hparams.get("small_image"), hparams.get("backbone_kwargs"))
-    return state, spec
+from ssl_kit.models.saved import backbone_from_checkpoint, export_backbone
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -1,39 +1,7 @@
-"""Shared fixtures: a tiny, fast configuration of the real CLI on the embedded digits."""
-
-from __future__ import annotations
-
-from pathlib import Path
+"""Fixtures every test gets; shared helpers live in ``helpers.py`` (``tests/`` is on the path)."""
 
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-
-# Small enough for 2 CPU cores: 2 batches per epoch, in-process loading.
-TINY_RUN = [
-    "--data.num_workers", "0",
-    "--trainer.limit_train_batches", "2",
-    "--trainer.limit_val_batches", "2",
-    "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false",
-    "--trainer.accelerator", "cpu",
-]  # fmt: skip
-# Images: the digits at 8 px (their native size). Audio and video DataModules derive their sample
-# size from the clip and the front end, so they use TINY_RUN alone.
-TINY = ["--data.image_size", "8", "--data.batch_size", "32", *TINY_RUN]
-
-#: Learning checks of the ResNet methods: two epochs on a fixed 5,000-image subset of the real MNIST
-#: at 16 px (78 steps at batch 128, about a minute on 2 CPU cores). The embedded digits are too easy
-#: for this: random-init ResNet features reach 0.93 kNN / 0.96 linear there, and 20 SimCLR epochs
-#: only draw level.
-MNIST_RUN = [
-    "--data.root", str(SHARED_DATA / "mnist"), "--data.image_size", "16", "--data.batch_size", "128",
-    "--data.train_subset", "5000", "--data.eval_subset", "1000", "--data.num_workers", "2",
-    "--trainer.max_epochs", "2", "--model.warmup_epochs", "0.5",
-    "--trainer.limit_train_batches", "1.0", "--trainer.limit_val_batches", "1.0", "--trainer.check_val_every_n_epoch", "2",
-]  # fmt: skip
-needs_mnist = pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(), reason="../shared/data/mnist is absent")
 
 
 @pytest.fixture(autouse=True)
@@ -41,43 +9,3 @@ def _single_thread_pairs():
     """Two torch threads: the CI machine has two cores, and tests run one at a time."""
     torch.set_num_threads(2)
     yield
-
-
-def fit(config: str, root: Path, *overrides: str, base: list[str] = TINY):
-    """Runs ``python -m ssl_kit.fit`` in-process and returns the LightningCLI object."""
-    from ssl_kit.fit import main
-
-    return main(["--config", str(REPO / "configs" / config), "--trainer.default_root_dir", str(root), *base, *overrides])
-
-
-def fresh_copy(model, **overrides):
-    """The same method and hyper-parameters (or ``overrides``) at random init, seeded like the trained runs."""
-    import lightning as L
-
-    L.seed_everything(0)
-    hparams = {k: v for k, v in model.hparams.items() if not k.startswith("_")}
-    return type(model)(**{**hparams, **overrides})
-
-
-def against_random_init(cli, label: str) -> dict[str, tuple[float, float]]:
-    """Accuracy of a trained run's backbone and of the same method at random init, by protocol:
-    ``knn`` (the online monitor's: train bank -> validation set, the method's k and temperature)
-    and ``linear`` (the benchmark's probe on frozen features: trained on the same bank, chosen on
-    validation, top-1 on test). Printed, so "learns" is measured against random-init features,
-    a strong baseline (ResNets start with their residual branches on, as in torchvision)."""
-    from ssl_kit.bench.protocols import extract, knn, linear_probe
-
-    data, model = cli.datamodule, cli.model
-    bank, val = data.val_dataloader()
-    loaders = {"bank": bank, "val": val, "test": data.test_dataloader()}
-    accuracy = {}
-    for name, backbone in {"trained": model.backbone, "random init": fresh_copy(model).backbone}.items():
-        features = {split: extract(backbone, loader) for split, loader in loaders.items()}
-        accuracy[name] = {
-            "knn": knn(features["bank"], features["val"], data.num_classes, model.hparams.knn_k, model.hparams.knn_temperature),
-            "linear": linear_probe(features["bank"], features["val"], features["test"], data.num_classes).test_top1,
-        }
-    result = {protocol: (accuracy["trained"][protocol], accuracy["random init"][protocol]) for protocol in ("knn", "linear")}
-    shown = "; ".join(f"{protocol} trained {trained:.3f} vs random init {random:.3f}" for protocol, (trained, random) in result.items())
-    print(f"{label}: {shown} after {cli.trainer.global_step} steps")
-    return result

@@ -9,7 +9,7 @@ import pytest
 import soundfile
 import torch
 
-from conftest import TINY_RUN, SHARED_DATA, against_random_init, fit
+from helpers import TINY_RUN, SHARED_DATA, against_random_init, fit
 from ssl_kit.data import AudioFolderDataModule, FSDDDataModule, SyntheticAudioDataModule
 from ssl_kit.data.audio import read_audio
 from ssl_kit.data.datasets import UnreadableFileError

@@ -15,7 +15,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from conftest import TINY_RUN, fit
+from helpers import TINY_RUN, fit
 from ssl_kit.transforms import AudioViews, BatchedAudioViews, BatchedVideoViews, LogMel, PairedViews
 from ssl_kit.transforms import audio as audio_module
 from ssl_kit.transforms.batched import ViewParams, ViewSpec

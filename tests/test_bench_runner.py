@@ -14,7 +14,7 @@ import time
 import torch
 import yaml
 
-from conftest import REPO, TINY
+from helpers import REPO, TINY
 from ssl_kit.bench.runner import Cell
 from ssl_kit.bench.store import ResultStore
 

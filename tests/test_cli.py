@@ -8,7 +8,7 @@ import timm
 import torch
 import yaml
 
-from conftest import REPO, fit
+from helpers import REPO, fit
 from ssl_kit.cli import SSLCLI
 from ssl_kit.export import main as export_main
 from ssl_kit.fit import main as fit_main

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from conftest import REPO, TINY
+from helpers import REPO, TINY
 
 
 def test_fit_runs_as_two_gloo_processes(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import REPO, TINY
+from helpers import REPO, TINY
 from ddp import free_port
 
 CONFIG = str(REPO / "configs" / "barlow_twins_digits.yaml")

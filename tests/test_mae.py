@@ -10,7 +10,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import REPO, against_random_init, fit, fresh_copy
+from helpers import REPO, against_random_init, fit, fresh_copy
 from ssl_kit.losses.mae import MaskedReconstructionLoss
 from ssl_kit.methods.mae import FIGURE_MIN_SIDE, MAE
 from ssl_kit.models.masking import gather_tokens, random_token_mask

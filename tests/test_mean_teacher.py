@@ -13,12 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import fit
+from helpers import fit
 from ssl_kit.data import DigitsDataModule
 from ssl_kit.data.splits import few_label_split
-from ssl_kit.losses.self_training import DoublyRobustLoss, ThresholdedPseudoLabelLoss, pseudo_labels, soft_cross_entropy
-from ssl_kit.methods import MeanTeacher
-from ssl_kit.methods.mean_teacher import rampup
+from ssl_kit.data.semi_supervised import SemiSupervisedBatch
+from ssl_kit.semi import MeanTeacher
+from ssl_kit.semi.criteria import rampup
+from ssl_kit.semi.losses import DoublyRobustLoss, ThresholdedPseudoLabelLoss, pseudo_labels, soft_cross_entropy
 from ssl_kit.transforms import WeakStrongViews
 
 
@@ -59,15 +60,15 @@ def semi_digits(**kwargs) -> DigitsDataModule:
 def test_semi_supervised_loaders_labeled_and_unlabeled_batches():
     data = semi_digits()
     train_labels = np.asarray(data.splits.train.labels)
-    assert np.bincount(train_labels[data.labeled_indices]).tolist() == [2] * 10
-    assert len(data.unlabeled_indices) == len(train_labels) - 20
+    assert np.bincount(train_labels[data.few_label.labeled]).tolist() == [2] * 10
+    assert len(data.few_label.unlabeled) == len(train_labels) - 20
     loader = data.train_dataloader()
     batch, _, _ = next(iter(loader))
     (labeled_views, labels), (unlabeled_views, hidden) = batch["labeled"], batch["unlabeled"]
     assert [v.shape for v in labeled_views] == [(4, 3, 8, 8)] * 2 and labels.shape == (4,)
     assert [v.shape for v in unlabeled_views] == [(12, 3, 8, 8)] * 2 and (hidden >= 0).all()
     # an epoch is one pass over the unlabeled pool; the small labeled set is cycled
-    assert len(loader) == len(data.unlabeled_indices) // 12
+    assert len(loader) == len(data.few_label.unlabeled) // 12
     bank, _ = data.val_dataloader()
     assert len(bank.dataset) == 20  # the kNN bank holds the labeled samples only
 
@@ -210,10 +211,9 @@ def tiny_teacher(**kwargs) -> MeanTeacher:
     return model.train()
 
 
-def semi_batch():
-    data = semi_digits()
-    batch, _, _ = next(iter(data.train_dataloader()))
-    return batch
+def semi_batch(data: DigitsDataModule | None = None) -> SemiSupervisedBatch:
+    batch, _, _ = next(iter((data or semi_digits()).train_dataloader()))
+    return SemiSupervisedBatch.from_loaders(batch)
 
 
 @pytest.mark.parametrize("loss", ["fixmatch", "doubly_robust"])
@@ -222,8 +222,7 @@ def test_unlabeled_loss_is_nonzero_and_alone_trains_the_student_not_the_teacher(
     (FixMatch's unlabeled term; the doubly robust loss before its correction is ramped in) is
     non-zero, gives the student gradients, and an optimizer step on it changes the student."""
     torch.manual_seed(0)
-    model = tiny_teacher(loss=loss)
-    monkeypatch.setattr(model, "correction_weight_now", lambda: 0.0)
+    model = tiny_teacher(loss=loss, rampup=1.0)  # at step 0 of a ramp: the doubly robust correction is off
     batch = semi_batch()
     total, parts, pseudo = model.training_losses(batch)
     pseudo_label_loss = parts["unlabeled_loss"] if loss == "fixmatch" else total
@@ -238,14 +237,14 @@ def test_unlabeled_loss_is_nonzero_and_alone_trains_the_student_not_the_teacher(
     assert not torch.equal(model.head.weight, before)
 
 
-def marked_batch(labeled: int = 4, unlabeled: int = 12) -> dict:
+def marked_batch(labeled: int = 4, unlabeled: int = 12) -> SemiSupervisedBatch:
     """A semi-supervised batch whose views are constant images: weak labeled 1, strong labeled 2,
     weak unlabeled 3, strong unlabeled 4, so a spy can tell which view a network saw."""
     image = lambda rows, value: torch.full((rows, 3, 8, 8), float(value))  # noqa: E731
-    return {
-        "labeled": ([image(labeled, 1), image(labeled, 2)], torch.arange(labeled) % 10),
-        "unlabeled": ([image(unlabeled, 3), image(unlabeled, 4)], torch.arange(unlabeled) % 10),
-    }
+    return SemiSupervisedBatch(
+        [image(labeled, 1), image(labeled, 2)], torch.arange(labeled) % 10,
+        [image(unlabeled, 3), image(unlabeled, 4)], torch.arange(unlabeled) % 10,
+    )  # fmt: skip
 
 
 def spy_views(model, monkeypatch) -> dict[str, list[list[float]]]:
@@ -277,7 +276,7 @@ def test_fixmatch_threshold_keeps_only_confident_pseudo_labels(monkeypatch):
     _, parts, pseudo = model.training_losses(batch)
     assert pseudo.mask.tolist() == [True] * 6 + [False] * 6
     assert pseudo.classes.tolist() == list(range(12))[:10] + [0, 1]
-    student = model.student(batch["unlabeled"][0][1])
+    student = model.student(batch.unlabeled_views[1])
     expected = F.cross_entropy(student[:6], torch.arange(6), reduction="sum") / 12
     assert parts["unlabeled_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
@@ -294,7 +293,7 @@ def test_doubly_robust_gives_each_sample_one_view_and_cancels_useless_pseudo_lab
     assert torch.allclose(pseudo.targets, torch.full((12, 10), 0.1))
     copies = marked_batch()
     weak = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    copies["labeled"][0][0], copies["unlabeled"][0][0] = weak, weak.repeat(3, 1, 1, 1)
+    copies.labeled_views[0], copies.unlabeled_views[0] = weak, weak.repeat(3, 1, 1, 1)
     loss, parts, _ = model.training_losses(copies)
     assert loss.item() == pytest.approx(parts["supervised_loss"].item(), rel=1e-5)
 
@@ -331,7 +330,7 @@ def test_mean_teacher_needs_a_semi_supervised_datamodule():
 # the pipeline through the CLI: pretrain -> self-train
 # --------------------------------------------------------------------------------------------
 def test_pretrain_then_self_train_from_the_checkpoint(tmp_path):
-    from ssl_kit.export import backbone_from_checkpoint
+    from ssl_kit.models import backbone_from_checkpoint
 
     pretrain = fit("simclr_digits.yaml", tmp_path / "simclr", "--trainer.max_epochs", "1")
     checkpoint = tmp_path / "simclr" / "checkpoints" / "last.ckpt"
@@ -363,18 +362,21 @@ def test_cli_run_logs_mask_rate_and_pseudo_label_accuracy_saves_the_split_and_te
     assert cli.model.ema.last_step == cli.trainer.global_step == 4
     split = json.loads((tmp_path / "csv" / "version_0" / "few_label_split.json").read_text())
     assert split["labels_per_class"] == 5 and split["labeled_per_class"] == {str(c): 5 for c in range(10)}
-    assert split["labeled_indices"] == cli.datamodule.labeled_indices.tolist()
-    # the doubly robust loss's labeled share n / (n + m) comes from the split, not the batches
-    assert cli.model.labeled_fraction == pytest.approx(50 / (50 + len(cli.datamodule.unlabeled_indices)))
+    assert split["labeled_indices"] == cli.datamodule.few_label.labeled.tolist()
     result = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     assert 0.0 <= result[0]["test/acc"] <= 1.0
+
+
+def test_the_doubly_robust_labeled_share_comes_from_the_split_not_the_batches(tmp_path):
+    cli = fit("mean_teacher_digits.yaml", tmp_path, "--trainer.max_steps", "1", "--data.batch_size", "4", "--model.loss", "doubly_robust")
+    assert cli.model.criterion.labeled_fraction == pytest.approx(50 / (50 + len(cli.datamodule.few_label.unlabeled)))
 
 
 # --------------------------------------------------------------------------------------------
 # Noisy Student: pool labeling, filtering, balancing
 # --------------------------------------------------------------------------------------------
 def test_select_pseudo_labels_filters_by_confidence_and_balances_classes():
-    from ssl_kit.noisy_student import select_pseudo_labels
+    from ssl_kit.semi.noisy_student import select_pseudo_labels
 
     # class 0: confidences .9 .8 .6 ; class 1: .95 ; class 2: .5 (below the threshold)
     probs = torch.tensor([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.6, 0.2, 0.2], [0.02, 0.95, 0.03], [0.25, 0.25, 0.5]])
@@ -388,11 +390,11 @@ def test_select_pseudo_labels_filters_by_confidence_and_balances_classes():
 
 def test_pre_labeled_pool_trains_the_student_on_the_given_targets():
     data = semi_digits()
-    pool = len(data.unlabeled_indices)
+    pool = len(data.few_label.unlabeled)
     targets = F.one_hot(torch.arange(pool) % 10, 10).float()
     data.set_pseudo_labels(targets, np.arange(0, pool, 2))
-    batch, _, _ = next(iter(data.train_dataloader()))
-    views, hidden, given = batch["unlabeled"]
+    batch = semi_batch(data)
+    views, hidden, given = batch.unlabeled_views, batch.hidden_labels, batch.pool_targets
     assert given.shape == (12, 10) and hidden.shape == (12,)
     model = tiny_teacher(threshold=0.99).eval()  # eval: BatchNorm does not depend on the batch's composition
     _, parts, pseudo = model.training_losses(batch)  # the threshold does not re-filter a pre-labeled pool
@@ -429,7 +431,7 @@ def test_mean_teacher_beats_the_same_model_trained_on_the_labels_alone(tmp_path)
 
 
 def test_noisy_student_command_runs_every_round_with_a_larger_noised_student(tmp_path, capsys):
-    from conftest import REPO, TINY
+    from helpers import REPO, TINY
     from ssl_kit.noisy_student import main as noisy_student
 
     accuracies = noisy_student([
@@ -451,8 +453,8 @@ def test_noisy_student_trains_the_student_on_the_selected_pseudo_labels(tmp_path
     """The teacher's pool predictions are replaced by known ones: class 7 on even pool positions
     (confidence 0.9), class 2 on odd ones (0.3). The round-1 student's unlabeled batches carry only
     the selected samples' targets (one-hot 7), never online teacher labels."""
-    import ssl_kit.noisy_student as noisy_student
-    from conftest import REPO, TINY
+    import ssl_kit.semi.noisy_student as noisy_student
+    from helpers import REPO, TINY
 
     def known_predictions(model, loader):
         probs = torch.full((len(loader.dataset), 10), 0.7 / 9)
@@ -465,8 +467,8 @@ def test_noisy_student_trains_the_student_on_the_selected_pseudo_labels(tmp_path
     real = MeanTeacher.training_losses
 
     def spy(self, batch):
-        if len(batch["unlabeled"]) == 3:
-            batches.append(batch["unlabeled"][2].clone())
+        if batch.pool_targets is not None:
+            batches.append(batch.pool_targets.clone())
         return real(self, batch)
 
     monkeypatch.setattr(noisy_student, "predict", known_predictions)
@@ -481,7 +483,7 @@ def test_noisy_student_trains_the_student_on_the_selected_pseudo_labels(tmp_path
 
 
 def test_export_of_a_self_training_checkpoint_is_the_teacher(tmp_path):
-    from ssl_kit.export import backbone_from_checkpoint
+    from ssl_kit.models import backbone_from_checkpoint
 
     cli = fit("mean_teacher_digits.yaml", tmp_path, "--trainer.max_epochs", "1", "--data.batch_size", "4")
     state, _ = backbone_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")

@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import MNIST_RUN, REPO, against_random_init, fit, needs_mnist
+from helpers import MNIST_RUN, REPO, against_random_init, fit, needs_mnist
 from ssl_kit.data import DigitsDataModule
 from ssl_kit.methods import BarlowTwins, SimCLR
 

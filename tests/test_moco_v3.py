@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from conftest import MNIST_RUN, against_random_init, fit, fresh_copy, needs_mnist
+from helpers import MNIST_RUN, against_random_init, fit, fresh_copy, needs_mnist
 from ddp import TwoViewLinear, gloo_group, seeded_two_view_linear, spawn_ranks
 from ssl_kit.losses.moco import InfoNCELoss
 from ssl_kit.methods.momentum import EMAUpdater, momentum_at
@@ -311,7 +311,7 @@ def test_moco_v3_learns_beyond_random_init_features(tmp_path):
     """A linear probe on the trained ResNet-18's frozen features clearly beats the same probe at
     random init (measured: 0.962 vs 0.925). A short run wants a momentum encoder that moves faster
     than the config's 0.99, a higher lr and more steps (batch 128, 0.99 and lr 1.2 gave 0.935)."""
-    from ssl_kit.export import backbone_from_checkpoint
+    from ssl_kit.models import backbone_from_checkpoint
 
     cli = fit("moco_v3_mnist.yaml", tmp_path, *MNIST_RUN, "--data.batch_size", "64", "--model.ema_momentum", "0.9", "--model.lr", "2.4")
     accuracy = against_random_init(cli, "moco_v3_mnist")

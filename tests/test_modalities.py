@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_RUN, fit
+from helpers import TINY_RUN, fit
 from ssl_kit.methods import MAE, MSN
 from ssl_kit.models.tokens import ImageViTTokens, VideoViTTokens, patch_tokens
 from ssl_kit.transforms import AudioViews, PairedViews, VideoViews

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-from conftest import REPO, against_random_init, fit, fresh_copy
+from helpers import REPO, against_random_init, fit, fresh_copy
 from ddp import gloo_group, spawn_ranks
 from ssl_kit.losses.msn import MSNLoss, sinkhorn
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ssl_kit.checkpoints import read_checkpoint
-from ssl_kit.export import backbone_from_checkpoint
+from ssl_kit.models import backbone_from_checkpoint
 
 
 class Payload:
@@ -42,7 +42,7 @@ def test_a_crafted_checkpoint_is_refused_without_running_its_code(tmp_path):
 
 
 def test_a_crafted_checkpoint_in_init_from_and_in_a_suite_entry_is_refused(tmp_path):
-    from ssl_kit.methods import MeanTeacher
+    from ssl_kit.semi import MeanTeacher
 
     path, marker = crafted_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="refusing to load"):
@@ -71,7 +71,7 @@ def test_skip_bad_files_under_two_ddp_ranks_keeps_every_rank_training(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from conftest import REPO, TINY
+    from helpers import REPO, TINY
 
     rng = np.random.default_rng(0)
     for cls in ("a", "b", "c"):
@@ -164,7 +164,7 @@ def test_resume_last_passes_over_an_unreadable_last_ckpt_and_names_it(tmp_path, 
     checkpoint left it stops, naming the files."""
     import logging
 
-    from conftest import REPO, TINY
+    from helpers import REPO, TINY
 
     from ssl_kit.fit import main
 
@@ -190,7 +190,7 @@ def test_an_interrupted_run_resumed_from_last_ends_where_an_uninterrupted_one_do
     last``: with the random generators restored the third epoch draws the same data order and
     views, so the final weights are the same (without them it restarts the generators from the
     seed and ends elsewhere)."""
-    from conftest import REPO, TINY
+    from helpers import REPO, TINY
     from lightning.pytorch.callbacks import Callback
 
     from ssl_kit.checkpoints import read_checkpoint
@@ -226,7 +226,7 @@ def test_folder_errors_are_one_clear_sentence(tmp_path):
 
     from PIL import Image
 
-    from conftest import REPO
+    from helpers import REPO
 
     from ssl_kit.data import ImageFolderDataModule
 
@@ -257,7 +257,7 @@ def test_a_suite_name_that_cannot_be_a_folder_is_refused(tmp_path):
 
 
 def test_limit_batches_of_1_warns_that_it_means_the_whole_epoch(capsys):
-    from conftest import REPO
+    from helpers import REPO
 
     from ssl_kit.cli import SSLCLI
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from lightning.pytorch.callbacks import Callback
 
-from conftest import REPO, TINY
+from helpers import REPO, TINY
 from ssl_kit.cli import SSLCLI
 from ssl_kit.optim import warmup_cosine
 

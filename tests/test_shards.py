@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, TINY_RUN, fit
+from helpers import REPO, TINY_RUN, fit
 from ssl_kit.data import AudioFolderDataModule, ImageFolderDataModule, KineticsDataModule, VideoFolderDataModule
 from ssl_kit.data.datasets import ShardMember, UnreadableFileError, open_sample
 from ssl_kit.data.shards import convert, main as convert_main

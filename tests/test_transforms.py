@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from conftest import fit
+from helpers import fit
 from ssl_kit.transforms import ImageViews
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_RUN, against_random_init, fit
+from helpers import TINY_RUN, against_random_init, fit
 from ssl_kit.data import MovingDigitsDataModule, VideoFolderDataModule
 from ssl_kit.data.datasets import UnreadableFileError
 from ssl_kit.data.video import clip_indices, read_video

@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from conftest import TINY_RUN, fit
+from helpers import TINY_RUN, fit
 from ssl_kit.data import HMDB51DataModule, KineticsDataModule, UCF101DataModule
 from ssl_kit.data.datasets import UnreadableFileError
 from test_video import write_mp4

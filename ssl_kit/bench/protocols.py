@@ -313,7 +313,7 @@ def fine_tune(
     L.seed_everything(seed, verbose=False)
     datamodule.setup("fit")
     transform = FirstView(datamodule.views) if augment else datamodule.eval_transform
-    train = Transformed(datamodule.splits.train, transform, datamodule.labeled_indices)
+    train = Transformed(datamodule.splits.train, transform, datamodule.few_label.labeled)
     batch_size = min(datamodule.batch_size, len(train))
     # The DataModule's loader settings (workers, pinning, bad-file collation); full batches only,
     # so BatchNorm never sees a batch of one.

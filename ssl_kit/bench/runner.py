@@ -44,7 +44,7 @@ from ssl_kit.cli import SSLCLI
 from ssl_kit.data.datasets import Transformed, labels_of
 from ssl_kit.checkpoints import read_checkpoint, resume_checkpoint
 from ssl_kit.data.splits import stratified_split
-from ssl_kit.methods import MeanTeacher
+from ssl_kit.semi import MeanTeacher
 
 log = logging.getLogger(__name__)
 

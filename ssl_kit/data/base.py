@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import json
 from pathlib import Path
 
 import lightning as L
@@ -16,7 +15,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ssl_kit.data.cache import DecodedCache
 from ssl_kit.data.datasets import RefillingCollate, Samples, SkippedFiles, Transformed, WithTargets, labels_of
-from ssl_kit.data.splits import TEST_CARVE_SEED, few_label_split, stratified_split, subsample
+from ssl_kit.data.semi_supervised import FewLabelSplit, PseudoLabeledPool, SemiSupervisedBatch
+from ssl_kit.data.splits import TEST_CARVE_SEED, stratified_split, subsample
 from ssl_kit.transforms import ImageViews, ViewAugmentation, eval_transform
 
 
@@ -39,11 +39,12 @@ class SSLDataModule(L.LightningDataModule):
     labeled training set (un-augmented) and the validation set. Batches are ``(inputs, labels)``.
 
     Semi-supervised mode (``labels_per_class`` or ``label_fraction``): a class-balanced, seeded
-    few-label split of the training set (``few_label_split``, written to
-    ``<log dir>/few_label_split.json``); the training loader yields ``{"labeled": (views, labels),
-    "unlabeled": (views, hidden labels)}`` with ``unlabeled_ratio`` times more unlabeled samples,
-    the labeled loader cycled; the kNN bank is the labeled subset. The hidden labels of the
-    unlabeled pool are only for monitoring (pseudo-label accuracy).
+    few-label split of the training set (``few_label``, a ``FewLabelSplit``, written to
+    ``<log dir>/few_label_split.json``); training batches are ``SemiSupervisedBatch``es with
+    ``unlabeled_ratio`` times more unlabeled samples than labeled ones, the labeled loader cycled;
+    the kNN bank is the labeled subset. The hidden labels of the unlabeled pool are only for
+    monitoring (pseudo-label accuracy). ``set_pseudo_labels`` swaps the pool for one a previous
+    model labeled (``pseudo_pool``).
 
     ``train_subset`` / ``eval_subset``: fixed, stratified subsets of the splits (see ``subsets``).
 
@@ -112,10 +113,8 @@ class SSLDataModule(L.LightningDataModule):
         self.test_fraction = test_fraction
         self.decoded_cache = DecodedCache(cache_dir) if cache_dir else None
         self.splits: Splits | None = None
-        self.labeled_indices: np.ndarray | None = None
-        self.unlabeled_indices: np.ndarray | None = None
-        self.pseudo_targets: torch.Tensor | None = None
-        self.pseudo_selected: np.ndarray | None = None
+        self.few_label: FewLabelSplit | None = None
+        self.pseudo_pool: PseudoLabeledPool | None = None
 
     @property
     def semi_supervised(self) -> bool:
@@ -172,33 +171,15 @@ class SSLDataModule(L.LightningDataModule):
             self.splits = self.subsets(self.load_splits())
         if not self.semi_supervised:
             return
-        if self.labeled_indices is None:
-            labels = labels_of(self.splits.train)
-            self.labeled_indices, self.unlabeled_indices = few_label_split(
-                labels, self.labels_per_class, self.label_fraction, self.seed
-            )
-            if len(self.unlabeled_indices) == 0:
-                raise ValueError("the few-label split leaves no unlabeled samples")
+        labels = labels_of(self.splits.train)
+        if self.few_label is None:
+            self.few_label = FewLabelSplit.draw(labels, self.labels_per_class, self.label_fraction, self.seed)
         if self.trainer is not None and self.trainer.is_global_zero:  # every run that uses the split records it
-            self.save_few_label_split(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "few_label_split.json")
-
-    def save_few_label_split(self, path: Path) -> Path:
-        """The labeled training indices and how they were chosen, to reproduce or audit the run."""
-        assert self.labeled_indices is not None
-        labels = labels_of(self.splits.train)[self.labeled_indices]
-        record = {
-            "datamodule": type(self).__name__,
-            "root": self.root,
-            "seed": self.seed,
-            "labels_per_class": self.labels_per_class,
-            "label_fraction": self.label_fraction,
-            "train_size": int(len(labels_of(self.splits.train))),
-            "labeled_per_class": {int(c): int((labels == c).sum()) for c in np.unique(labels)},
-            "labeled_indices": self.labeled_indices.tolist(),
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=1))
-        return path
+            self.few_label.save(
+                Path(self.trainer.log_dir or self.trainer.default_root_dir) / "few_label_split.json", labels,
+                datamodule=type(self).__name__, root=self.root, seed=self.seed,
+                labels_per_class=self.labels_per_class, label_fraction=self.label_fraction,
+            )  # fmt: skip
 
     # -- loaders ---------------------------------------------------------------------------
     @property
@@ -230,14 +211,12 @@ class SSLDataModule(L.LightningDataModule):
         splits = self._require_splits()
         if not self.semi_supervised:
             return self.loader(Transformed(splits.pretrain, self.views), shuffle=True, drop_last=True)
-        labeled = Transformed(splits.train, self.views, self.labeled_indices)
-        if self.pseudo_targets is None:
-            unlabeled = Transformed(splits.train, self.views, self.unlabeled_indices)
+        split, pool = self.few_label, self.pseudo_pool
+        labeled = Transformed(splits.train, self.views, split.labeled)
+        if pool is None:
+            unlabeled = Transformed(splits.train, self.views, split.unlabeled)
         else:
-            unlabeled = WithTargets(
-                Transformed(splits.train, self.views, self.unlabeled_indices[self.pseudo_selected]),
-                self.pseudo_targets[self.pseudo_selected],
-            )
+            unlabeled = WithTargets(Transformed(splits.train, self.views, pool.indices(split)), pool.selected_targets())
         loaders = {
             "labeled": self.loader(labeled, shuffle=True, batch_size=min(self.batch_size, len(labeled))),
             "unlabeled": self.loader(
@@ -261,22 +240,19 @@ class SSLDataModule(L.LightningDataModule):
         """Un-augmented loader over the unlabeled pool, in pool order (for a teacher to label it)."""
         if not self.semi_supervised:
             raise ValueError(f"{type(self).__name__} has no unlabeled pool: set labels_per_class or label_fraction")
-        return self.loader(Transformed(self._require_splits().train, self.eval_transform, self.unlabeled_indices), shuffle=False)
+        return self.loader(Transformed(self._require_splits().train, self.eval_transform, self.few_label.unlabeled), shuffle=False)
 
     def set_pseudo_labels(self, targets: torch.Tensor, selected: np.ndarray) -> None:
         """Noisy Student: ``targets`` (pool size x classes) from a teacher, and the pool positions
-        to train on (``selected``; a position may repeat, for class balancing). The unlabeled
-        loader then yields ``(views, hidden labels, targets)``."""
+        to train on (``selected``; a position may repeat, for class balancing). Training batches
+        then carry them as ``pool_targets``."""
         self._require_splits()
-        assert self.unlabeled_indices is not None
-        if targets.shape[0] != len(self.unlabeled_indices):
-            raise ValueError(f"{targets.shape[0]} pseudo-label rows for an unlabeled pool of {len(self.unlabeled_indices)}")
-        self.pseudo_targets, self.pseudo_selected = targets.float().cpu(), np.asarray(selected, dtype=np.int64)
+        self.pseudo_pool = PseudoLabeledPool.of(self.few_label, targets, selected)
 
     def val_dataloader(self) -> list[DataLoader]:
         splits = self._require_splits()
         if self.semi_supervised:
-            bank = self.labeled_indices
+            bank = self.few_label.labeled
         else:
             bank = subsample(len(splits.train), self.knn_bank_size, self.seed)
         return [
@@ -290,7 +266,8 @@ class SSLDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.trainer is not None and self.trainer.training and batch is not None:
             if isinstance(batch, dict):
-                return {part: self.on_after_batch_transfer(value, dataloader_idx) for part, value in batch.items()}
+                parts = {name: self.on_after_batch_transfer(part, dataloader_idx) for name, part in batch.items()}
+                return SemiSupervisedBatch.from_loaders(parts)
             views, *labels = batch
             batch = (self.views.on_device(views), *labels)
         return batch

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import timm
 
 import ssl_kit.models.resnet  # noqa: F401 - registers the narrow ResNets with timm
 import ssl_kit.models.video  # noqa: F401 - registers the video ViTs with timm
-import torch
 from torch import nn
 
 #: Images at or below this side use the small-image variant (CIFAR stem / small ViT patches).
@@ -80,24 +77,3 @@ def create_backbone(name: str, image_size: int, small_image: bool | None = None)
     4 px (32 px images) or 8 px patches.
     """
     return build_from_spec(backbone_spec(name, image_size, small_image))
-
-
-def export_backbone(state_dict: dict[str, torch.Tensor], spec: dict[str, Any], out: str | Path) -> Path:
-    """Writes ``<out>`` (a plain state dict) and ``<out>.json`` (how to build the model for it).
-
-    For standard variants ``timm.create_model(name, num_classes=0).load_state_dict(torch.load(out))``
-    works; ``load_exported_backbone`` handles the small-image variants too.
-    """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state_dict, out)
-    out.with_suffix(out.suffix + ".json").write_text(json.dumps(spec, indent=2))
-    return out
-
-
-def load_exported_backbone(path: str | Path) -> nn.Module:
-    path = Path(path)
-    spec = json.loads(path.with_suffix(path.suffix + ".json").read_text())
-    model = build_from_spec(spec)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model

@@ -28,6 +28,12 @@ class PseudoLabels:
     def rows(self, index: slice) -> PseudoLabels:
         return PseudoLabels(self.targets[index], self.mask[index], self.classes[index], self.confidence[index])
 
+    @classmethod
+    def given(cls, targets: Tensor) -> PseudoLabels:
+        """Targets fixed in advance (a pool a previous model labeled): every row counts."""
+        confidence, classes = targets.max(dim=1)
+        return cls(targets, torch.ones_like(classes, dtype=torch.bool), classes, confidence)
+
 
 @torch.no_grad()
 def pseudo_labels(teacher_logits: Tensor, threshold: float = 0.95, soft: bool = False, temperature: float = 1.0) -> PseudoLabels:

@@ -1,0 +1,147 @@
+"""Mean-teacher pseudo-label self-training: an EMA teacher labels weak views of unlabeled samples,
+the student learns them on strong views, alongside the few labeled samples."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Literal
+
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from ssl_kit.data.semi_supervised import SemiSupervisedBatch
+from ssl_kit.methods.base import BackboneModule
+from ssl_kit.methods.momentum import EMAUpdater, MomentumSchedule, MomentumTargets, frozen_copy
+from ssl_kit.models.backbones import build_from_spec
+from ssl_kit.models.saved import load_backbone_weights
+from ssl_kit.semi.criteria import CRITERIA, SelfTrainingLoss
+
+
+class MeanTeacher(MomentumTargets, BackboneModule):
+    """Student (backbone + linear head) and its EMA teacher, trained on a semi-supervised batch
+    ``SemiSupervisedBatch`` (an ``SSLDataModule`` with ``labels_per_class`` or ``label_fraction``
+    and ``WeakStrongViews``). The loss is a criterion of ``ssl_kit.semi.criteria`` chosen by
+    ``loss``, given the hyper-parameters it names: ``fixmatch`` (``FixMatchCriterion``: threshold,
+    ``unlabeled_weight``, sigmoid ``rampup``) or ``doubly_robust`` (``DoublyRobustCriterion``: no
+    threshold, the correction ramped in linearly over ``rampup``). The teacher (eval mode, no
+    gradient) labels online, unless the batch brings a pool's targets (Noisy Student).
+    Pseudo-labels are hard (argmax) or, with ``soft_targets``, the teacher's softmax at
+    ``target_temperature``. The hidden labels of the unlabeled samples are used only to log the
+    pseudo-label accuracy.
+
+    The teacher follows the student by the shared ``EMAUpdater`` (``running_average``: the mean of
+    all students until ``1 - 1/(t+1)`` reaches ``ema_momentum``). Validation reports the teacher's
+    and the student's accuracy; test reports the teacher's. The backbone starts from random init,
+    from timm's weights (``pretrained``), or from an ssl_kit checkpoint (``init_from``: a pretraining
+    ``.ckpt`` or an exported backbone), which is the pretrain -> self-train pipeline.
+
+    From random init, ResNets keep timm's zero-initialised residual branches (the supervised
+    recipe): with them, the digits test's teacher reaches 0.923 (labels alone 0.763), without them
+    0.568 (0.533).
+    """
+
+    zero_init_last = True
+
+    def __init__(
+        self,
+        *args,
+        loss: Literal["fixmatch", "doubly_robust"] = "fixmatch",
+        threshold: float = 0.95,
+        soft_targets: bool = False,
+        target_temperature: float = 1.0,
+        unlabeled_weight: float = 1.0,
+        rampup: float = 0.0,
+        ema_momentum: float = 0.999,
+        ema_schedule: MomentumSchedule = "running_average",
+        init_from: str | None = None,
+        pretrained: bool = False,
+        optimizer: Literal["sgd", "lars", "adamw"] = "sgd",
+        lr: float = 0.03,
+        weight_decay: float = 5e-4,
+        nesterov: bool = True,
+        warmup_epochs: float = 0.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            *args, optimizer=optimizer, lr=lr, weight_decay=weight_decay, nesterov=nesterov, warmup_epochs=warmup_epochs, **kwargs
+        )
+        if pretrained:
+            self.backbone = build_from_spec(self.backbone_spec, pretrained=True)
+        if init_from is not None:
+            load_backbone_weights(self.backbone, self.backbone_spec, init_from)
+        num_classes = self.hparams.num_classes
+        self.head = nn.Linear(self.feature_dim, num_classes)
+        self.teacher_backbone = frozen_copy(self.backbone)
+        self.teacher_head = frozen_copy(self.head)
+        self.ema = EMAUpdater(
+            [(self.teacher_backbone, self.backbone), (self.teacher_head, self.head)],
+            base=ema_momentum,
+            final=ema_momentum,
+            schedule=ema_schedule,
+        )
+        criterion = CRITERIA[loss]
+        self.criterion = criterion(**{name: self.hparams[name] for name in inspect.signature(criterion).parameters})
+        self.teacher_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.student_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
+
+    # -- networks ----------------------------------------------------------------------------
+    def forward(self, images: Tensor) -> Tensor:
+        """Class logits of the teacher, the model this method delivers."""
+        return self.teacher_head(self.teacher_backbone(images))
+
+    def student(self, images: Tensor) -> Tensor:
+        return self.head(self.backbone(images))
+
+    def train(self, mode: bool = True):
+        """The teacher always predicts in eval mode (running BatchNorm statistics, no dropout)."""
+        super().train(mode)
+        self.teacher_backbone.eval()
+        self.teacher_head.eval()
+        return self
+
+    def trained_modules(self) -> list[nn.Module]:
+        return [self.backbone, self.head]
+
+    # -- training ----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        split = getattr(getattr(self.trainer, "datamodule", None), "few_label", None)
+        if split is not None and hasattr(self.criterion, "labeled_fraction"):
+            self.criterion.labeled_fraction = split.labeled_fraction
+
+    def training_losses(self, batch: SemiSupervisedBatch) -> SelfTrainingLoss:
+        """The loss, its parts (for the log) and the unlabeled samples' pseudo-labels."""
+        if not isinstance(batch, SemiSupervisedBatch):
+            raise TypeError(
+                "MeanTeacher needs labeled and unlabeled batches: give the DataModule "
+                "--data.labels_per_class N (or --data.label_fraction F) and WeakStrongViews"
+            )
+        return self.criterion(batch, self.student, self, self.run_fraction(self.global_step))
+
+    def training_step(self, batch: SemiSupervisedBatch, batch_idx: int) -> Tensor:
+        loss, parts, pseudo = self.training_losses(batch)
+        self.stop_if_not_finite(loss)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({f"train/{name}": value for name, value in parts.items()})
+        self.log("train/mask_rate", pseudo.mask.float().mean())
+        hidden = batch.hidden_labels
+        known = pseudo.mask & (hidden >= 0)
+        if known.any():
+            self.log("train/pseudo_label_acc", (pseudo.classes[known] == hidden[known]).float().mean())
+        return loss
+
+    # -- evaluation --------------------------------------------------------------------------
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if dataloader_idx == 0:  # the kNN bank of the SSL methods; a classifier does not need it
+            return
+        images, labels = batch
+        self.teacher_accuracy(self(images), labels)
+        self.student_accuracy(self.student(images), labels)
+        self.log("val/teacher_acc", self.teacher_accuracy, prog_bar=True, add_dataloader_idx=False)
+        self.log("val/student_acc", self.student_accuracy, add_dataloader_idx=False)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        self.test_accuracy(self(images), labels)
+        self.log("test/acc", self.test_accuracy)
