@@ -12,7 +12,8 @@ from PIL import Image
 
 from helpers import REPO, against_random_init, fit, fresh_copy
 from ssl_kit.losses.mae import MaskedReconstructionLoss
-from ssl_kit.methods.mae import FIGURE_MIN_SIDE, MAE
+from ssl_kit.methods.figures import FIGURE_MIN_SIDE
+from ssl_kit.methods.mae import MAE
 from ssl_kit.models.masking import gather_tokens, random_token_mask
 from ssl_kit.models.patches import grid_shape, patchify, sincos_grid, unpatchify
 

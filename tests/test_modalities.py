@@ -11,6 +11,7 @@ from PIL import Image
 
 from helpers import TINY_RUN, fit
 from ssl_kit.methods import MAE, MSN
+from ssl_kit.methods.figures import reconstruction_grid
 from ssl_kit.models.tokens import ImageViTTokens, VideoViTTokens, patch_tokens
 from ssl_kit.transforms import AudioViews, PairedViews, VideoViews
 
@@ -98,11 +99,11 @@ def test_mae_loss_trains_encoder_and_decoder_and_fixes_position_embeddings(build
 
 
 def test_reconstruction_figures_spectrogram_rows_and_video_frame_strips():
-    spectrogram = spectrogram_mae().reconstruction_grid(torch.randn(2, 1, 64, 101))
+    spectrogram = reconstruction_grid(spectrogram_mae(), torch.randn(2, 1, 64, 101))
     # 2 rows of (original | masked | reconstruction), 64 x 96 panels, 2 px padding
     assert spectrogram.shape == (3, 2 * 66 + 2, 3 * 98 + 2)
     assert 0 <= spectrogram.min() and spectrogram.max() <= 1
-    clips = video_mae().reconstruction_grid(torch.randn(2, 3, 8, 32, 32))
+    clips = reconstruction_grid(video_mae(), torch.randn(2, 3, 8, 32, 32))
     # per clip: 3 strips of 8 frames (32 px zoomed x2 to 64 px)
     assert clips.shape == (3, 2 * 3 * 66 + 2, 8 * 66 + 2)
 

@@ -202,8 +202,13 @@ class SSLMethod(BackboneModule):
             self._bank.append((features, labels))
             return
         self._queries.append((features, labels))
-        self.probe_accuracy(self.probe(features), labels)
+        self.probe_accuracy(self.probe(self.probe_features(images, features, batch_idx)), labels)
         self.log("val/probe_acc", self.probe_accuracy, prog_bar=True, add_dataloader_idx=False)
+
+    def probe_features(self, inputs: Tensor, features: Tensor, batch_idx: int) -> Tensor:
+        """What the online probe is evaluated on: the backbone's features of the full inputs (the
+        kNN monitor's), or, for a method whose probe trains on other features, those (MAE: masked)."""
+        return features
 
     def on_validation_epoch_end(self) -> None:
         if not self._bank or not self._queries:

@@ -7,28 +7,21 @@ grid) and VideoMAE (``video_vit_*`` on tubelets, with tube masking).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.callbacks import Callback
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
-from torchvision.utils import make_grid, save_image
 
 from ssl_kit.losses.mae import MaskedReconstructionLoss
 from ssl_kit.methods.base import SSLMethod
+from ssl_kit.methods.figures import FIGURE_MASK_SEED, ReconstructionFigures
 from ssl_kit.models.masking import TokenMask, gather_tokens
 from ssl_kit.models.patches import patch_moments, sincos_grid
 from ssl_kit.models.tokens import PatchTokens, patch_tokens
 from ssl_kit.optim import OptimizerName
 
-#: Seed of the fixed mask used for the reconstruction figures (same mask every epoch).
-FIGURE_MASK_SEED = 0
-#: Tiny images are zoomed (nearest neighbour, integer factor) to about this side in the figures.
-FIGURE_MIN_SIDE = 64
 #: Default share of hidden patches: MAE's 0.75 for images, VideoMAE's 0.9 with tube masking for
 #: video (Audio-MAE's 0.8 is set in the spectrogram configs: spectrograms use image ViTs).
 DEFAULT_MASK_RATIO = {"image": 0.75, "video": 0.9}
@@ -122,7 +115,7 @@ class MAE(SSLMethod):
     the standard, comparable probe, at roughly +60-85% step cost. The kNN monitor always uses full
     inputs. ``probe_lr`` defaults to 1e-2, a learning rate for AdamW (the base's 0.1 suits SGD).
 
-    Each validation epoch, rank zero saves ``<log_dir>/reconstructions/epochNNNN.png`` (and logs
+    Each validation epoch (``ReconstructionFigures``, off with ``num_reconstructions: 0``), rank zero saves ``<log_dir>/reconstructions/epochNNNN.png`` (and logs
     it to TensorBoard when attached) for the first ``num_reconstructions`` samples of the
     validation set (second validation loader) under a fixed-seed mask: the original, the masked
     input (hidden patches grey) and the reconstruction with the visible patches pasted from the
@@ -192,7 +185,6 @@ class MAE(SSLMethod):
         # VideoMAE standardises each channel of a tubelet; image and spectrogram MAE the whole patch
         norm_channels = self.patches.in_channels if self.patches.has_time else None
         self.criterion = MaskedReconstructionLoss(norm_pix_loss=norm_pix_loss, norm_channels=norm_channels)
-        self._figure_inputs: Tensor | None = None
 
     # -- the method ------------------------------------------------------------------------
     def random_mask(self, batch_size: int, generator: torch.Generator | None = None) -> TokenMask:
@@ -216,7 +208,7 @@ class MAE(SSLMethod):
                 return loss, self.backbone(inputs)
         return loss, self.patches.pooled(latent)
 
-    # -- reconstruction figures ------------------------------------------------------------
+    # -- reconstructions and the probe ----------------------------------------------------
     @torch.no_grad()
     def reconstruct(self, inputs: Tensor, token_mask: TokenMask) -> Tensor:
         """Reconstructed inputs (input units, the covered part): hidden patches predicted, visible ones pasted."""
@@ -227,77 +219,13 @@ class MAE(SSLMethod):
             pred = pred * std + mean
         return self.patches.unpatchify(torch.where(token_mask.mask.unsqueeze(-1), pred, target))
 
-    def _display(self, panels: Tensor) -> Tensor:
-        """``(B, 3, C, ...)`` original | masked | reconstruction in input units -> [0, 1]: undoes
-        the DataModule's mean/std where it has them (images, clips); inputs without a pixel
-        normalisation (spectrograms) are scaled by each original's own range."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
-        if mean is not None and std is not None and len(mean) == panels.shape[2] == len(std):
-            shape = (1, 1, -1) + (1,) * (panels.ndim - 3)
-            return (panels * torch.tensor(std).to(panels).view(shape) + torch.tensor(mean).to(panels).view(shape)).clamp(0, 1)
-        original = panels[:, 0].flatten(1)
-        low = original.min(1).values.view(-1, *(1,) * (panels.ndim - 1))
-        high = original.max(1).values.view(-1, *(1,) * (panels.ndim - 1))
-        return ((panels - low) / (high - low).clamp_min(1e-6)).clamp(0, 1)
+    def probe_features(self, inputs: Tensor, features: Tensor, batch_idx: int) -> Tensor:
+        """The probe is evaluated on the input it is trained on: masked inputs (a fixed mask per
+        batch index) unless ``probe_full_images``; the kNN monitor keeps the full-input features."""
+        if self.hparams.probe_full_images:
+            return features
+        token_mask = self.random_mask(inputs.shape[0], torch.Generator().manual_seed(FIGURE_MASK_SEED + batch_idx))
+        return self.patches.pooled(self.encode(inputs, token_mask))
 
-    @torch.no_grad()
-    def reconstruction_grid(self, inputs: Tensor, seed: int = FIGURE_MASK_SEED) -> Tensor:
-        """``(3, H', W')`` figure in [0, 1]. Images and spectrograms: one row per sample, original |
-        masked | reconstruction. Clips: per sample, three rows of frames (original, masked,
-        reconstruction; a tubelet's time steps are consecutive frames)."""
-        inputs = inputs.to(self.device)
-        token_mask = self.random_mask(inputs.shape[0], torch.Generator().manual_seed(seed))
-        patches = self.patches.patchify(inputs)
-        masked = self.patches.unpatchify(torch.where(token_mask.mask.unsqueeze(-1), torch.nan, patches))
-        original = self.patches.covered(inputs)
-        panels = self._display(torch.stack([original, masked, self.reconstruct(inputs, token_mask)], dim=1))
-        panels = panels.nan_to_num(0.5)  # hidden patches grey
-        if panels.shape[2] not in (1, 3):
-            panels = panels[:, :, :1]
-        if panels.ndim == 6:  # clips (B, 3, C, T, H, W): every frame a tile, T per row
-            columns = panels.shape[3]
-            panels = panels.permute(0, 1, 3, 2, 4, 5).flatten(0, 2)
-        else:
-            columns = 3
-            panels = panels.flatten(0, 1)
-        zoom = max(1, FIGURE_MIN_SIDE // max(panels.shape[-2:]))
-        if zoom > 1:
-            panels = F.interpolate(panels, scale_factor=zoom, mode="nearest")
-        return make_grid(panels.float().cpu(), nrow=columns, padding=2, pad_value=1.0)
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        """As ``SSLMethod.validation_step`` (kNN on full inputs), but the probe is evaluated on the
-        input it is trained on: masked inputs (a fixed mask per batch index) unless ``probe_full_images``."""
-        inputs, labels = batch
-        features = self.backbone(inputs)
-        if dataloader_idx == 0:
-            self._bank.append((features, labels))
-            return
-        self._queries.append((features, labels))
-        if batch_idx == 0:
-            self._figure_inputs = inputs[: self.hparams.num_reconstructions].detach().clone()
-        if not self.hparams.probe_full_images:
-            token_mask = self.random_mask(inputs.shape[0], torch.Generator().manual_seed(FIGURE_MASK_SEED + batch_idx))
-            features = self.patches.pooled(self.encode(inputs, token_mask))
-        self.probe_accuracy(self.probe(features), labels)
-        self.log("val/probe_acc", self.probe_accuracy, prog_bar=True, add_dataloader_idx=False)
-
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        inputs, self._figure_inputs = self._figure_inputs, None
-        if self.trainer.sanity_checking:
-            return
-        # trainer.log_dir broadcasts from rank zero: every rank must ask for it.
-        root = self.trainer.log_dir or self.trainer.default_root_dir
-        if inputs is not None:
-            self._save_reconstructions(inputs, Path(root) / "reconstructions" / f"epoch{self.current_epoch:04d}.png")
-
-    @rank_zero_only
-    def _save_reconstructions(self, inputs: Tensor, path: Path) -> None:
-        grid = self.reconstruction_grid(inputs)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(grid, path)
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("val/reconstructions", grid, global_step=self.global_step)
+    def configure_callbacks(self) -> list[Callback]:
+        return [ReconstructionFigures(self.hparams.num_reconstructions)] if self.hparams.num_reconstructions > 0 else []
