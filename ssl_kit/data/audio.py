@@ -19,7 +19,7 @@ from ssl_kit.data.cache import DecodedCache
 from ssl_kit.data.datasets import (
     LabeledFiles, Samples, SkippedFiles, Source, TensorSamples, Transformed, UnreadableFileError, class_folder_samples, open_sample,
 )  # fmt: skip
-from ssl_kit.data.sources import sample_source
+from ssl_kit.data.sources import ClassFolders
 from ssl_kit.data.download import download_and_extract, obtain
 from ssl_kit.data.splits import stratified_split
 from ssl_kit.transforms.audio import AudioEval, AudioViews, LogMel
@@ -113,27 +113,15 @@ def list_audio(directory: Path, classes: list[str]) -> list[tuple[str, int]] | N
     return class_folder_samples(directory, classes, AUDIO_EXTENSIONS, "audio")
 
 
-class AudioFolderDataModule(AudioDataModule):
+class AudioFolderDataModule(ClassFolders, AudioDataModule):
     """Your own audio: ``root/train/<class>/*`` (wav, flac, ogg, aiff, au: any soundfile format)
     and, optionally, ``root/val/<class>/*`` and ``root/test/<class>/*``. Without ``val`` a seeded
     stratified ``val_fraction`` of train is held out. ``root`` may also be shards of such a folder
     (``python -m ssl_kit.data.shards``)."""
 
-    def __init__(self, root: str, *args, **kwargs) -> None:
-        super().__init__(root, *args, **kwargs)
-        self.source = sample_source(root, "AudioFolder", "audio", list_audio)
-        self.classes = self.source.classes
-        self.num_classes = len(self.classes)
-
-    def _files(self, samples: Samples | None) -> AudioFiles | None:
-        return None if samples is None else self.files(samples)
-
-    def load_splits(self) -> Splits:
-        train, test = self.carve_test(self.source.split("train"), self.source.split("test"))
-        train, val, test = self._files(train), self._files(self.source.split("val")), self._files(test)
-        if val is None:
-            train, val = self.holdout_val(train)
-        return Splits(pretrain=train, train=train, val=val, test=test)
+    folder_kind = "AudioFolder"
+    modality = "audio"
+    list_split = staticmethod(list_audio)
 
 
 FSDD_NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)\.wav$")

@@ -128,6 +128,20 @@ class SSLDataModule(L.LightningDataModule):
         """Reads the dataset and returns its raw splits."""
         raise NotImplementedError
 
+    def files(self, samples: Samples) -> Dataset:
+        """The dataset that reads a list of ``(file, label)`` samples (file-based DataModules)."""
+        raise NotImplementedError(f"{type(self).__name__} does not read sample lists")
+
+    def sample_splits(self, train: Samples, val: Samples | None, test: Samples | None) -> Splits:
+        """``Splits`` of sample lists read by ``files``; without ``val`` a seeded, stratified
+        ``val_fraction`` of train is held out."""
+        train_set = self.files(train)
+        if val is None:
+            train_set, val_set = self.holdout_val(train_set)
+        else:
+            val_set = self.files(val)
+        return Splits(pretrain=train_set, train=train_set, val=val_set, test=None if test is None else self.files(test))
+
     def carve_test(self, train: Samples, test: Samples | None) -> tuple[Samples, Samples | None]:
         """``(train, test)`` sample lists: without a test split and with ``test_fraction``, that
         share of every class of ``train`` becomes the test set, drawn with a constant seed

@@ -11,7 +11,7 @@ import numpy as np
 from ssl_kit.data.base import Splits, SSLDataModule, unlabeled
 from ssl_kit.data.datasets import IMAGE_EXTENSIONS, ArrayImages, Concatenated, FileImages, Samples, class_folder_samples
 from ssl_kit.data.download import obtain
-from ssl_kit.data.sources import sample_source
+from ssl_kit.data.sources import ClassFolders
 from ssl_kit.data.splits import stratified_split
 
 #: Fixed seed for carving a test set out of datasets that have none, so it never moves with ``seed``.
@@ -228,26 +228,16 @@ def list_images(directory: Path, classes: list[str]) -> list[tuple[str, int]] | 
     return class_folder_samples(directory, classes, IMAGE_EXTENSIONS)
 
 
-class ImageFolderDataModule(SSLDataModule):
+class ImageFolderDataModule(ClassFolders, SSLDataModule):
     """ImageNet / Imagenette layout: ``root/train/<class>/*`` and, optionally, ``root/val/<class>/*``
     and ``root/test/<class>/*``. Without ``val`` a seeded stratified ``val_fraction`` of train is held out.
     ``root`` may also be shards of such a folder (``python -m ssl_kit.data.shards``)."""
 
     default_image_size = 224
     center_crop_ratio = 0.875
+    folder_kind = "ImageFolder"
+    modality = "image"
+    list_split = staticmethod(list_images)
 
-    def __init__(self, root: str, *args, **kwargs) -> None:
-        super().__init__(root, *args, **kwargs)
-        self.source = sample_source(root, "ImageFolder", "image", list_images)
-        self.classes = self.source.classes
-        self.num_classes = len(self.classes)
-
-    def _files(self, samples: Samples | None) -> FileImages | None:
-        return None if samples is None else FileImages(samples, self.skipped_files, self.decoded_cache)
-
-    def load_splits(self) -> Splits:
-        train, test = self.carve_test(self.source.split("train"), self.source.split("test"))
-        train, val, test = self._files(train), self._files(self.source.split("val")), self._files(test)
-        if val is None:
-            train, val = self.holdout_val(train)
-        return Splits(pretrain=train, train=train, val=val, test=test)
+    def files(self, samples: Samples) -> FileImages:
+        return FileImages(samples, self.skipped_files, self.decoded_cache)

@@ -10,6 +10,7 @@ readers open with ``open_sample`` (``ssl_kit.data.datasets``).
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -83,3 +84,37 @@ def is_sharded(root: str | None) -> bool:
 def sample_source(root: str, kind: str, modality: str, lister: FolderLister) -> SampleSource:
     """Shards when ``root`` holds ``shards.json``, else the class folders of ``root``."""
     return ShardSource(root, modality) if is_sharded(root) else FolderSource(root, kind, lister)
+
+
+class ClassFolders:
+    """What the folder DataModules share (mixed in before their modality's base): samples from
+    ``root/train/<class>/...`` and, optionally, ``root/val/...`` and ``root/test/...``, or the
+    shards of such a folder (``sample_source``); the classes read at construction (the model's
+    head size is linked to them); a test split carved with ``test_fraction`` where there is none,
+    and ``sample_splits`` holding out validation where there is no ``val``. Subclasses name the
+    ``folder_kind`` (for messages) and ``modality`` and give ``list_split``."""
+
+    folder_kind: str
+    modality: str
+
+    def __init__(self, root: str, *args, **kwargs) -> None:
+        super().__init__(root, *args, **kwargs)
+        self.classes = self.read_classes()
+        self.num_classes = len(self.classes)
+
+    @staticmethod
+    def list_split(directory: Path, classes: list[str]) -> list[tuple[str, int]] | None:
+        """The samples of one split folder ``directory/<class>/...`` (None: no such folder)."""
+        raise NotImplementedError
+
+    @cached_property
+    def source(self) -> SampleSource:
+        """The class folders or shards of ``root``, read when first needed."""
+        return sample_source(self.root, self.folder_kind, self.modality, self.list_split)
+
+    def read_classes(self) -> list[str]:
+        return self.source.classes
+
+    def load_splits(self):
+        train, test = self.carve_test(self.source.split("train"), self.source.split("test"))
+        return self.sample_splits(train, self.source.split("val"), test)

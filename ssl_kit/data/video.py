@@ -11,7 +11,6 @@ import io
 import logging
 import re
 import tarfile
-from functools import cached_property
 from pathlib import Path
 from typing import IO, Literal
 
@@ -26,7 +25,7 @@ from ssl_kit.data.cache import DecodedCache
 from ssl_kit.data.datasets import (
     IMAGE_EXTENSIONS, LabeledFiles, Samples, ShardMember, SkippedFiles, Source, TensorSamples, Transformed, UnreadableFileError, open_sample,
 )  # fmt: skip
-from ssl_kit.data.sources import FRAMES_SUFFIX, SampleSource, is_sharded, sample_source
+from ssl_kit.data.sources import FRAMES_SUFFIX, ClassFolders, is_sharded
 from ssl_kit.data.splits import stratified_split
 from ssl_kit.transforms.base import ViewAugmentation
 from ssl_kit.transforms.video import VideoEval, VideoViews
@@ -125,10 +124,10 @@ class VideoDataModule(SSLDataModule):
     def eval_transform(self) -> VideoEval:
         return VideoEval(self.image_size[-1], self.mean, self.std)
 
-    def files(self, samples: Samples, sampling: Literal["random", "center"]) -> VideoFiles:
+    def files(self, samples: Samples, sampling: Literal["random", "center"] = "center") -> VideoFiles:
         return VideoFiles(samples, self.frames_per_clip, self.frame_stride, sampling, self.skipped_files, self.decoded_cache)
 
-    def splits_from(
+    def sample_splits(
         self, train: Samples, val: Samples | None, test: Samples | None, groups: list[str] | None = None,
     ) -> Splits:  # fmt: skip
         """``Splits`` of sample lists: random-start clips for pretraining, central ones for
@@ -171,29 +170,15 @@ def list_videos(directory: Path, classes: list[str]) -> list[tuple[str, int]] | 
     return samples
 
 
-class VideoFolderDataModule(VideoDataModule):
+class VideoFolderDataModule(ClassFolders, VideoDataModule):
     """Your own videos: ``root/train/<class>/<video file or folder of frames>`` and, optionally,
     ``root/val/...`` and ``root/test/...``. Training clips start at a random frame, evaluation
     clips in the middle. Without ``val`` a seeded stratified ``val_fraction`` of train is held out.
     ``root`` may also be shards of such a folder (``python -m ssl_kit.data.shards``)."""
 
-    def __init__(self, root: str, *args, **kwargs) -> None:
-        super().__init__(root, *args, **kwargs)
-        self.classes = self.read_classes()
-        self.num_classes = len(self.classes)
-
-    @cached_property
-    def source(self) -> SampleSource:
-        """The class folders or shards of ``root``, read when first needed (Kinetics may not need them)."""
-        return sample_source(self.root, "VideoFolder", "video", list_videos)
-
-    def read_classes(self) -> list[str]:
-        """Sorted class names, read at construction: the model's head size is linked to them."""
-        return self.source.classes
-
-    def load_splits(self) -> Splits:
-        train, test = self.carve_test(self.source.split("train"), self.source.split("test"))
-        return self.splits_from(train, self.source.split("val"), test)
+    folder_kind = "VideoFolder"
+    modality = "video"
+    list_split = staticmethod(list_videos)
 
 
 KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
@@ -275,7 +260,7 @@ class KineticsDataModule(VideoFolderDataModule):
     def load_splits(self) -> Splits:
         if not self._csv("train").is_file():
             return super().load_splits()
-        return self.splits_from(*(self._csv_samples(split) for split in ("train", "validate", "test")))
+        return self.sample_splits(*(self._csv_samples(split) for split in ("train", "validate", "test")))
 
 
 class OfficialSplitsDataModule(VideoDataModule):
@@ -344,7 +329,7 @@ class OfficialSplitsDataModule(VideoDataModule):
 
     def load_splits(self) -> Splits:
         train, test = self.official_lists()
-        return self.splits_from(self.locate(train), None, self.locate(test), groups=[self.group(video) for video in train])
+        return self.sample_splits(self.locate(train), None, self.locate(test), groups=[self.group(video) for video in train])
 
 
 UCF101_GROUP = re.compile(r"_(g\d+)_c\d+\.\w+$")
