@@ -17,11 +17,10 @@ from torch import Tensor
 from ssl_kit.data.base import SSLDataModule, Splits
 from ssl_kit.data.cache import DecodedCache
 from ssl_kit.data.datasets import (
-    LabeledFiles, Samples, SkippedFiles, Source, TensorSamples, Transformed, UnreadableFileError, class_folder_samples, open_sample,
+    LabeledFiles, Samples, SkippedFiles, Source, TensorSamples, UnreadableFileError, class_folder_samples, open_sample,
 )  # fmt: skip
 from ssl_kit.data.sources import ClassFolders
 from ssl_kit.data.download import download_and_extract, obtain
-from ssl_kit.data.splits import stratified_split
 from ssl_kit.transforms.audio import AudioEval, AudioViews, LogMel
 from ssl_kit.transforms.base import ViewAugmentation
 
@@ -206,9 +205,7 @@ class SyntheticAudioDataModule(AudioDataModule):
 
     def load_splits(self) -> Splits:
         waves, labels = self.generate()
-        rest, test = stratified_split(labels, 0.2, TEST_SPLIT_SEED)
-        train, val = self.holdout_val(TensorSamples(waves[rest], labels[rest]))
-        return Splits(pretrain=train, train=train, val=val, test=Transformed(TensorSamples(waves, labels), indices=test))
+        return self.fixed_test_splits(TensorSamples, waves, labels, TEST_SPLIT_SEED)
 
 
 SPEECH_COMMANDS_URL = "http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz"

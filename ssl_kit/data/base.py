@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from pathlib import Path
 
@@ -141,6 +141,14 @@ class SSLDataModule(L.LightningDataModule):
         else:
             val_set = self.files(val)
         return Splits(pretrain=train_set, train=train_set, val=val_set, test=None if test is None else self.files(test))
+
+    def fixed_test_splits(self, make: Callable[[Any, np.ndarray], Dataset], data: Any, labels: np.ndarray, test_seed: int) -> Splits:
+        """Splits of an in-memory dataset without official ones (``make(data, labels)`` builds a
+        dataset of rows): a fixed 20% of every class is the test set, drawn with the dataset's own
+        ``test_seed`` (never ``seed``), then a seeded ``val_fraction`` of the rest is held out."""
+        rest, test = stratified_split(labels, 0.2, test_seed)
+        train, val = self.holdout_val(make(data[rest], labels[rest]))
+        return Splits(pretrain=train, train=train, val=val, test=make(data[test], labels[test]))
 
     def carve_test(self, train: Samples, test: Samples | None) -> tuple[Samples, Samples | None]:
         """``(train, test)`` sample lists: without a test split and with ``test_fraction``, that

@@ -12,7 +12,6 @@ from ssl_kit.data.base import Splits, SSLDataModule, unlabeled
 from ssl_kit.data.datasets import IMAGE_EXTENSIONS, ArrayImages, Concatenated, FileImages, Samples, class_folder_samples
 from ssl_kit.data.download import obtain
 from ssl_kit.data.sources import ClassFolders
-from ssl_kit.data.splits import stratified_split
 
 #: Fixed seed for carving a test set out of datasets that have none, so it never moves with ``seed``.
 TEST_SPLIT_SEED = 12345
@@ -42,10 +41,7 @@ class DigitsDataModule(SSLDataModule):
 
         digits = load_digits()
         images = np.clip(digits.images * 16, 0, 255).astype(np.uint8)
-        rest, test = stratified_split(digits.target, 0.2, TEST_SPLIT_SEED)
-        train_val = ArrayImages(images[rest], digits.target[rest])
-        train, val = self.holdout_val(train_val)
-        return Splits(pretrain=train, train=train, val=val, test=ArrayImages(images[test], digits.target[test]))
+        return self.fixed_test_splits(ArrayImages, images, digits.target, TEST_SPLIT_SEED)
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -23,7 +23,7 @@ from torch import Tensor
 from ssl_kit.data.base import SSLDataModule, Splits
 from ssl_kit.data.cache import DecodedCache
 from ssl_kit.data.datasets import (
-    IMAGE_EXTENSIONS, LabeledFiles, Samples, ShardMember, SkippedFiles, Source, TensorSamples, Transformed, UnreadableFileError, open_sample,
+    IMAGE_EXTENSIONS, LabeledFiles, Samples, ShardMember, SkippedFiles, Source, TensorSamples, UnreadableFileError, open_sample,
 )  # fmt: skip
 from ssl_kit.data.sources import FRAMES_SUFFIX, ClassFolders, is_sharded
 from ssl_kit.data.splits import stratified_split
@@ -454,7 +454,5 @@ class MovingDigitsDataModule(VideoDataModule):
     def load_splits(self) -> Splits:
         clips, labels = self.generate()
         clips = clips.unsqueeze(2).expand(-1, -1, 3, -1, -1)  # (N, T, 3, S, S), grey in RGB, without a copy
-        rest, test = stratified_split(labels, 0.2, TEST_SPLIT_SEED)
-        train, val = self.holdout_val(TensorSamples(clips[rest], labels[rest]))
-        return Splits(pretrain=train, train=train, val=val, test=Transformed(TensorSamples(clips, labels), indices=test))
+        return self.fixed_test_splits(TensorSamples, clips, labels, TEST_SPLIT_SEED)
 
