@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ssl_kit-installed
 
-.PHONY: quickstart test install clean
+.PHONY: quickstart test test-fast install clean
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The edit-test loop: everything but the tests marked slow.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
 
 clean:
 	rm -rf runs .pytest_cache

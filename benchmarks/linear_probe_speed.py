@@ -1,7 +1,7 @@
 """Linear-probe speed: the cached-feature probe against the classic augmented probe, side by side,
 on the same frozen backbone and data.
 
-* cached (``ssl_kit.bench.protocols``): the backbone runs once over the un-augmented train, val and
+* cached (``ssl_kit.evaluation``): the backbone runs once over the un-augmented train, val and
   test splits (``extract``); then ``linear_probe`` trains every lr x weight-decay setting of its
   default sweep on the cached features and keeps the one with the best validation accuracy. Its
   time includes the extraction and the whole sweep.
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import transforms as T
 
-from ssl_kit.bench.protocols import PROBE_LRS, PROBE_WEIGHT_DECAYS, extract, linear_probe, top1
+from ssl_kit.evaluation import PROBE_LRS, PROBE_WEIGHT_DECAYS, extract, linear_probe, top1
 from ssl_kit.data.base import SSLDataModule
 from ssl_kit.data.datasets import Transformed
 from ssl_kit.data.image import DigitsDataModule, MNISTDataModule

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_kit.data import MNISTDataModule
-from ssl_kit.evaluation import extract_features, knn_predict
+from ssl_kit.evaluation import extract, knn
 from ssl_kit.methods.msn import MSN
 
 
@@ -49,11 +49,11 @@ def main() -> None:
     data.setup()
     lines = [f"# {args.checkpoint}: MNIST, bank 5,000 train digits, 1,000 test digits", ""]
     for name, network in (("random init", random.backbone), ("MSN online", trained.backbone), ("MSN target", trained.target_backbone)):
-        bank, bank_labels = extract_features(network, data.labeled_dataloader("train"))
-        queries, labels = extract_features(network, data.labeled_dataloader("test"))
-        knn = float((knn_predict(queries, bank, bank_labels, 10, 20, 0.07).argmax(1) == labels).float().mean())
-        lines.append(f"{name:12s} kNN {knn:.3f}  effective rank {effective_rank(queries):5.1f} of {queries.shape[1]}  mean cosine {mean_cosine(queries):.3f}")
-    queries, _ = extract_features(trained.backbone, data.labeled_dataloader("test"))
+        bank, test = extract(network, data.labeled_dataloader("train")), extract(network, data.labeled_dataloader("test"))
+        queries = test.features
+        accuracy = knn(bank, test, 10, 20, 0.07)
+        lines.append(f"{name:12s} kNN {accuracy:.3f}  effective rank {effective_rank(queries):5.1f} of {queries.shape[1]}  mean cosine {mean_cosine(queries):.3f}")
+    queries = extract(trained.backbone, data.labeled_dataloader("test")).features
     with torch.no_grad():
         anchors = F.normalize(trained.projector(queries), dim=1)
         probs = F.softmax(anchors @ F.normalize(trained.prototypes.weight, dim=1).T / trained.hparams.temperature, dim=1)

@@ -57,7 +57,7 @@ def against_random_init(cli, label: str) -> dict[str, tuple[float, float]]:
     and ``linear`` (the benchmark's probe on frozen features: trained on the same bank, chosen on
     validation, top-1 on test). Printed, so "learns" is measured against random-init features,
     a strong baseline (ResNets start with their residual branches on, as in torchvision)."""
-    from ssl_kit.bench.protocols import extract, knn, linear_probe
+    from ssl_kit.evaluation import extract, knn, linear_probe
 
     data, model = cli.datamodule, cli.model
     bank, val = data.val_dataloader()

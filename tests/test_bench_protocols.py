@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from ssl_kit.bench import protocols as P
-from ssl_kit.bench.protocols import FeatureSet
+from ssl_kit import evaluation as P
+from ssl_kit.evaluation import FeatureSet
 from ssl_kit.data.splits import few_label_split
 from ssl_kit.models.backbones import backbone_spec, build_from_spec
 
@@ -113,7 +113,7 @@ def test_few_label_probe_trains_on_the_self_training_split(monkeypatch):
         seen.update(train=train, settings=settings)
         return "result"
 
-    monkeypatch.setattr(P, "linear_probe", probe)
+    monkeypatch.setattr("ssl_kit.evaluation.linear.linear_probe", probe)
     assert P.few_label(train, VAL, TEST, 10, labels_per_class=3, seed=7, epochs=5) == "result"
     labeled, _ = few_label_split(train.labels.numpy(), 3, None, 7)
     assert torch.equal(seen["train"].features, train.features[labeled])

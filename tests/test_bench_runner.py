@@ -150,7 +150,7 @@ def test_two_processes_on_one_suite_run_and_store_each_cell_once(tmp_path):
 DDP_EXTRACT = textwrap.dedent(
     """
     import os, sys, torch
-    from ssl_kit.bench.features import extract_splits
+    from ssl_kit.evaluation import extract_splits
     from ssl_kit.data import DigitsDataModule
     from ssl_kit.models.backbones import create_backbone
 

@@ -34,8 +34,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ssl_kit.bench import protocols as P
-from ssl_kit.bench.features import extract_datasets, extract_splits
+from ssl_kit import evaluation as P
+from ssl_kit.evaluation import extract_datasets, extract_splits
 from ssl_kit.bench.lightly_reference import reference_pipeline
 from ssl_kit.bench.report import write_report
 from ssl_kit.bench.snapshots import Snapshots, snapshot_networks
@@ -258,7 +258,7 @@ def run_suite(
         entries: method x dataset runs (``Entry``: method, dataset, config, args, checkpoint, protocols).
         seeds: a cell per seed (``seed_everything``; an entry's ``seeds`` win); the data splits stay fixed.
         protocols: protocol name -> settings: ``linear``, ``knn``, ``few_label`` on frozen
-            features, ``fine_tune`` with training (see ``ssl_kit.bench.protocols``), ``knn_curve``
+            features, ``fine_tune`` with training (see ``ssl_kit.evaluation``), ``knn_curve``
             (test kNN of snapshots every ``every_seconds`` of pretraining, ``knn_curve``).
         dataset_args: ``ssl_kit.fit`` overrides shared by every entry of a dataset (its root,
             subsets, budget), placed before the entry's own ``args``.

@@ -165,8 +165,7 @@ class FSDDDataModule(AudioDataModule):
             (test if held_out else train).append((str(path), digit))
         if not train or not test:
             raise ValueError(f"{folder}: the {self.split} split leaves {len(train)} train and {len(test)} test clips")
-        train_part, val = self.holdout_val(self.files(train))
-        return Splits(pretrain=train_part, train=train_part, val=val, test=self.files(test))
+        return self.sample_splits(train, None, test)
 
 
 class SyntheticAudioDataModule(AudioDataModule):
@@ -284,5 +283,4 @@ class ESC50DataModule(AudioDataModule):
         for row in rows:
             sample = (str(root / "audio" / row["filename"]), int(row["target"]))
             (test if int(row["fold"]) == self.fold else train).append(sample)
-        train_part, val = self.holdout_val(self.files(train))
-        return Splits(pretrain=train_part, train=train_part, val=val, test=self.files(test))
+        return self.sample_splits(train, None, test)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ssl_kit.checkpoints import resume_checkpoint
-from ssl_kit.evaluation import knn_predict
+from ssl_kit.evaluation.knn import knn_predict
 from ssl_kit.models.backbones import backbone_spec, build_from_spec
 from ssl_kit.optim import OptimizerName, TrainingBudget, build_optimizer, decay_groups, warmup_cosine_config
 

@@ -25,14 +25,13 @@ import torch
 from torch import Tensor
 
 from ssl_kit.cli import SSLCLI
-from ssl_kit.evaluation import extract_features
+from ssl_kit.evaluation import extract
 from ssl_kit.semi.mean_teacher import MeanTeacher
 
 
 def predict(model: torch.nn.Module, loader) -> Tensor:
     """Softmax outputs of ``model`` (eval mode) over a loader of ``(images, labels)``."""
-    logits, _ = extract_features(model, loader)
-    return torch.softmax(logits.float(), dim=1)
+    return torch.softmax(extract(model, loader).features, dim=1)
 
 
 def select_pseudo_labels(

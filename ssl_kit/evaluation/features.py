@@ -1,16 +1,57 @@
-"""Frozen-feature extraction through a Lightning Trainer, so it runs on the devices, strategy and
-nodes of the pretraining (DDP included) and every rank ends with the same complete feature set."""
+"""Frozen features: one extraction path for every evaluation. ``extract`` runs a network over a
+loader in one process; ``extract_datasets`` runs it through a Lightning Trainer, so it uses the
+devices, strategy and nodes of the pretraining (DDP included) and every rank ends with the same
+complete feature set."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ssl_kit.bench.protocols import FeatureSet
+
+@dataclass
+class FeatureSet:
+    """Frozen features of one split, in the split's order (dataset index i is row i)."""
+
+    features: Tensor  # (N, D) float32, CPU
+    labels: Tensor  # (N,) int64
+
+    def __post_init__(self) -> None:
+        if self.features.ndim != 2 or len(self.features) != len(self.labels):
+            raise ValueError(f"features {tuple(self.features.shape)} and labels {tuple(self.labels.shape)} do not pair up")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> FeatureSet:
+        rows = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        return FeatureSet(self.features[rows], self.labels[rows])
+
+
+def top1(logits: Tensor, labels: Tensor) -> float:
+    return (logits.argmax(-1) == labels).float().mean().item()
+
+
+@torch.no_grad()
+def extract(backbone: nn.Module, loader) -> FeatureSet:
+    """Outputs and labels of every batch of an un-shuffled, un-augmented loader, with the network
+    in eval mode on its device (restored after), in one process; ``extract_datasets`` does the
+    same across DDP ranks. Used by the online monitors' tests, the harness and Noisy Student."""
+    was_training = backbone.training
+    backbone.eval()
+    device = next(backbone.parameters()).device
+    features, labels = [], []
+    for images, targets in loader:
+        features.append(backbone(images.to(device)).float().cpu())
+        labels.append(targets)
+    backbone.train(was_training)
+    return FeatureSet(torch.cat(features), torch.cat(labels).long())
 
 
 class Indexed(Dataset):

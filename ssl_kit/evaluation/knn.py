@@ -1,10 +1,12 @@
-"""Feature-space evaluation shared by the online monitors and the benchmark harness."""
+"""Weighted kNN (Wu et al. 2018) on features: the online monitor's and the harness's protocol."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ssl_kit.evaluation.features import FeatureSet, top1
 
 
 @torch.no_grad()
@@ -26,16 +28,6 @@ def knn_predict(
     return torch.cat(scores)
 
 
-@torch.no_grad()
-def extract_features(backbone: torch.nn.Module, loader) -> tuple[Tensor, Tensor]:
-    """Features and labels of every batch of ``loader``, with the backbone in eval mode on its device."""
-    was_training = backbone.training
-    backbone.eval()
-    device = next(backbone.parameters()).device
-    features, labels = [], []
-    for batch in loader:
-        images, targets = batch
-        features.append(backbone(images.to(device)).cpu())
-        labels.append(targets)
-    backbone.train(was_training)
-    return torch.cat(features), torch.cat(labels)
+def knn(train: FeatureSet, test: FeatureSet, num_classes: int, k: int = 20, temperature: float = 0.07) -> float:
+    """Top-1 of the weighted kNN classifier (``knn_predict``), with ``train`` as the bank."""
+    return top1(knn_predict(test.features, train.features, train.labels, num_classes, k, temperature), test.labels)
