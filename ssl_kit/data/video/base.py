@@ -1,0 +1,70 @@
+"""The base of the video DataModules: the clip geometry, evaluation transform and splits of clips."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from ssl_kit.data.base import SSLDataModule, Splits
+from ssl_kit.data.datasets import Samples
+from ssl_kit.data.splits import stratified_split
+from ssl_kit.data.video.files import VideoFiles
+from ssl_kit.transforms.base import ViewAugmentation
+from ssl_kit.transforms.video import VideoEval, VideoViews
+
+
+class VideoDataModule(SSLDataModule):
+    """Base of the video DataModules: ``frames_per_clip`` frames ``frame_stride`` apart at
+    ``frame_size`` pixels make the sample "image" ``(frames, height, width)`` (linked into the model)."""
+
+    default_frame_size = 112
+
+    def __init__(
+        self,
+        root: str | None = None,
+        *args,
+        frames_per_clip: int = 8,
+        frame_stride: int = 2,
+        frame_size: int | None = None,
+        views: ViewAugmentation | None = None,
+        **kwargs,
+    ) -> None:
+        self.frames_per_clip = frames_per_clip
+        self.frame_stride = frame_stride
+        size = frame_size or self.default_frame_size
+        super().__init__(root, *args, image_size=(frames_per_clip, size, size), views=views if views is not None else VideoViews(), **kwargs)
+
+    @property
+    def eval_transform(self) -> VideoEval:
+        return VideoEval(self.image_size[-1], self.mean, self.std)
+
+    def files(self, samples: Samples, sampling: Literal["random", "center"] = "center") -> VideoFiles:
+        return VideoFiles(samples, self.frames_per_clip, self.frame_stride, sampling, self.skipped_files, self.decoded_cache)
+
+    def sample_splits(
+        self, train: Samples, val: Samples | None, test: Samples | None, groups: list[str] | None = None,
+    ) -> Splits:  # fmt: skip
+        """``Splits`` of sample lists: random-start clips for pretraining, central ones for
+        evaluation. Without ``val``, a seeded ``val_fraction`` of every class of ``train`` is held
+        out, whole ``groups`` at a time when given (clips cut from one source video stay together,
+        so validation never sees a scene it trained on), else one sample at a time in list order (so
+        a folder and its shards hold out the same videos)."""
+        if val is None:
+            train, val = self.holdout_groups(train, groups if groups is not None else list(range(len(train))))
+        return Splits(
+            pretrain=self.files(train, "random"),
+            train=self.files(train, "center"),
+            val=self.files(val, "center"),
+            test=None if test is None else self.files(test, "center"),
+        )
+
+    def holdout_groups(self, samples: Samples, groups: list[str] | list[int]) -> tuple[Samples, Samples]:
+        """(kept, held) samples: ``stratified_split`` over the groups (each has its first sample's label)."""
+        labels = np.array([label for _, label in samples])
+        _, first, member = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
+        _, held_groups = stratified_split(labels[first], self.val_fraction, self.seed)
+        if len(held_groups) == 0:
+            raise ValueError(f"val_fraction={self.val_fraction} leaves no validation samples")
+        held = np.isin(member, held_groups)
+        return [s for s, h in zip(samples, held) if not h], [s for s, h in zip(samples, held) if h]
