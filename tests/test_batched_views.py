@@ -13,16 +13,8 @@ from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as TF
 
 from ssl_kit.transforms import BatchedImageViews, ViewAugmentation
-from ssl_kit.transforms.batched import (
-    ADJUST,
-    ViewParams,
-    ViewSpec,
-    color_jitter,
-    gaussian_blur,
-    grayscale,
-    resized_crop,
-    solarize,
-)
+from ssl_kit.transforms.batched import ViewParams, ViewSpec
+from ssl_kit.transforms.kernels import ADJUST, color_jitter, gaussian_blur, grayscale, resized_crop, solarize
 from ssl_kit.transforms.image import blur_kernel_size
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)

@@ -24,10 +24,7 @@ import torch
 from torch import Tensor
 
 from ssl_kit.transforms.audio import AudioViews, LogMel, fit_length
-
-#: Keys' cubic convolution coefficient, the one of ``F.interpolate(mode="bicubic")``.
-CUBIC_A = -0.75
-
+from ssl_kit.transforms.kernels import resize_crop, span_mask
 
 @dataclass
 class AudioParams:
@@ -127,40 +124,3 @@ class BatchedAudioViews(AudioViews):
         out = out.masked_fill(span_mask(params.time_masks, out.shape[-1])[:, None, None, :], 0.0)
         out = out.masked_fill(span_mask(params.freq_masks, out.shape[-2])[:, None, :, None], 0.0)
         return out, history[max(0, len(history) - self.memory.maxlen) :]
-
-
-def cubic_weights(start: Tensor, length: Tensor, size: int, out_size: int) -> Tensor:
-    """``(B, out_size, size)`` matrices resampling rows ``start .. start + length - 1`` of an axis of
-    ``size`` to ``out_size`` as ``F.interpolate(mode="bicubic", align_corners=False)`` resamples the
-    cropped rows (taps clamped to the crop); rows past ``size`` are zero padding and get no weight."""
-    scale = (length.to(torch.float32) / out_size)[:, None]
-    source = (torch.arange(out_size, device=start.device) + 0.5) * scale - 0.5
-    base = source.floor()
-    t = (source - base).unsqueeze(-1)
-    a = CUBIC_A
-    distance = torch.cat([t + 1, t, 1 - t, 2 - t], -1)  # to taps base-1 .. base+2
-    near = ((a + 2) * distance - (a + 3)) * distance * distance + 1
-    far = ((a * distance - 5 * a) * distance + 8 * a) * distance - 4 * a
-    weights = torch.where(distance <= 1, near, far)
-    taps = (base.long().unsqueeze(-1) + torch.arange(-1, 3, device=start.device)).clamp(min=0)
-    taps = torch.minimum(taps, (length - 1).view(-1, 1, 1)) + start.view(-1, 1, 1)
-    weights = weights * (taps < size)
-    matrix = torch.zeros(len(start), out_size, size, device=start.device)
-    return matrix.scatter_add_(2, taps.clamp(max=size - 1), weights)
-
-
-def resize_crop(spectrograms: Tensor, crop: Tensor) -> Tensor:
-    """``AudioViews.resize_crop`` of every sample ``(B, 1, H, W)`` with its own region (top, left,
-    height, width; zero padding past the bottom and right), resized back to ``(H, W)``."""
-    height, width = spectrograms.shape[-2:]
-    top, left, crop_h, crop_w = crop.unbind(1)
-    rows = cubic_weights(top, crop_h, height, height)
-    cols = cubic_weights(left, crop_w, width, width)
-    return torch.einsum("bih,bchw,bjw->bcij", rows, spectrograms, cols)
-
-
-def span_mask(spans: Tensor, size: int) -> Tensor:
-    """``(B, size)``: positions inside any of each sample's ``(start, length)`` spans ``(B, K, 2)``."""
-    position = torch.arange(size, device=spans.device).view(1, 1, -1)
-    start, length = spans[..., :1], spans[..., 1:]
-    return ((position >= start) & (position < start + length)).any(1)
