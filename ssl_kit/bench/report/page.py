@@ -1,0 +1,119 @@
+"""The self-contained HTML page: sortable table, plots embedded, provenance."""
+
+from __future__ import annotations
+
+import base64
+import html as html_lib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from ssl_kit.bench.report.summary import RULES, percent, provenance_of, summarize
+
+# The HTML table's columns: (summary field, header, format). Text columns (no format) sort by
+# their text, numeric ones by the field's value in ``data-v``.
+HTML_COLUMNS: list[tuple[str, str, Callable[[dict], str] | None]] = [
+    ("dataset", "Dataset", None),
+    ("protocol", "Protocol", None),
+    ("metric", "Metric", None),
+    ("method", "Method", None),
+    ("backbone", "Backbone", None),
+    ("mean", "Mean ± std (%)", percent),
+    ("n", "Seeds", lambda e: str(e["n"])),
+    ("wall_time_s", "Wall time (s)", lambda e: f"{e['wall_time_s']:.1f}"),
+    ("epochs", "Epochs", lambda e: f"{e['epochs']:g}"),
+    ("throughput", "Samples/s", lambda e: f"{e['throughput']:.1f}"),
+]
+
+STYLE = """
+body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 75em; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; }
+th, td { padding: .3em .7em; border-bottom: 1px solid #ddd; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th { cursor: pointer; user-select: none; background: #f3f3f3; text-align: left; }
+th[aria-sort=ascending]::after { content: " \\25B2"; }
+th[aria-sort=descending]::after { content: " \\25BC"; }
+tbody tr:hover { background: #f7f9ff; }
+figure { margin: 1em 0; } img { max-width: 100%; }
+dt { font-weight: 600; margin-top: .5em; } code { font-size: 90%; }
+"""
+
+# Sorting lives in the URL hash (#sort=KEY:asc|desc): a click sets it, so a sorted view is a link.
+SCRIPT = """
+const table = document.getElementById("leaderboard");
+const headers = [...table.tHead.rows[0].cells];
+function sortBy(key, dir) {
+  const i = headers.findIndex(th => th.dataset.key === key);
+  if (i < 0) return;
+  const numeric = headers[i].dataset.numeric === "true";
+  const sign = dir === "desc" ? -1 : 1;
+  const value = row => numeric ? parseFloat(row.cells[i].dataset.v) : row.cells[i].textContent;
+  const body = table.tBodies[0];
+  body.append(...[...body.rows].sort((a, b) => {
+    const x = value(a), y = value(b);
+    if (!numeric) return sign * x.localeCompare(y, undefined, {numeric: true});
+    if (isNaN(x) || isNaN(y)) return isNaN(x) - isNaN(y);  // missing values last either way
+    return sign * (x - y);
+  }));
+  headers.forEach(th => th.removeAttribute("aria-sort"));
+  headers[i].setAttribute("aria-sort", dir === "desc" ? "descending" : "ascending");
+}
+function sortFromHash() {
+  const match = location.hash.match(/^#sort=(\\w+):(asc|desc)$/);
+  if (match) sortBy(match[1], match[2]);
+}
+headers.forEach(th => th.addEventListener("click", () => {
+  const sorted = th.getAttribute("aria-sort");
+  const dir = sorted ? (sorted === "ascending" ? "desc" : "asc") : (th.dataset.numeric === "true" ? "desc" : "asc");
+  location.hash = `sort=${th.dataset.key}:${dir}`;
+}));
+window.addEventListener("hashchange", sortFromHash);
+sortFromHash();
+"""
+
+
+def html_cell(entry: dict, field: str, show: Callable[[dict], str] | None) -> str:
+    if show is None:
+        return f"<td>{html_lib.escape(str(entry[field]))}</td>"
+    if entry[field] is None:
+        return '<td class="num" data-v="">–</td>'
+    return f'<td class="num" data-v="{json.dumps(entry[field])}">{show(entry)}</td>'
+
+
+def html(rows: list[dict], plots: dict[str, Path], description: str = "") -> str:
+    """A self-contained page (inline CSS and JS, PNGs as data: URIs, no network): the sortable
+    leaderboard, the plots and the provenance of the rows."""
+    escape = html_lib.escape
+    header = "".join(f'<th data-key="{field}" data-numeric="{str(show is not None).lower()}">{escape(title)}</th>' for field, title, show in HTML_COLUMNS)
+    body = "\n".join("<tr>" + "".join(html_cell(entry, field, show) for field, _, show in HTML_COLUMNS) + "</tr>" for entry in summarize(rows))
+    figures = "\n".join(
+        f'<figure><img alt="{escape(name)}" src="data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()}">'
+        f"<figcaption>{escape(name)}</figcaption></figure>"
+        for name, path in plots.items()
+    )
+    provenance = "\n".join(
+        f"<dt>{escape(name)}</dt>" + "".join(f"<dd><code>{escape(v)}</code></dd>" for v in values) for name, values in provenance_of(rows).items()
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head><meta charset="utf-8"><title>ssl_kit benchmark leaderboard</title><style>{STYLE}</style></head>
+<body>
+<h1>Benchmark leaderboard</h1>
+{"".join(f"<p>{escape(paragraph)}</p>" for paragraph in description.split(chr(10) * 2) if paragraph.strip())}
+<p>{escape(RULES)} Click a column header to sort.</p>
+<table id="leaderboard">
+<thead><tr>{header}</tr></thead>
+<tbody>
+{body}
+</tbody>
+</table>
+<h2>Plots</h2>
+{figures}
+<h2>Provenance</h2>
+<dl>
+{provenance}
+</dl>
+<script>{SCRIPT}</script>
+</body>
+</html>
+"""
