@@ -102,7 +102,7 @@ def main() -> None:
     if args.note:
         print(f"# {args.note}")
     print(f"{type(data).__name__} at {image_size} px (train {len(data.splits.train)}, val {len(data.splits.val)}, "
-          f"test {len(data.splits.test)}), backbone {spec['name']} from {args.checkpoint}, {args.epochs} epochs, batch {args.batch_size}, "
+          f"test {len(data.splits.test)}), backbone {spec.name} from {args.checkpoint}, {args.epochs} epochs, batch {args.batch_size}, "
           f"{args.workers} loader workers")  # fmt: skip
 
     start = time.perf_counter()

@@ -236,7 +236,7 @@ def test_configs_follow_the_recipe(config):
     assert cfg["trainer"]["gradient_clip_val"] == 3.0
     views = data["views"]["init_args"]
     spec = backbone_spec(args["backbone"], data["image_size"])
-    patch = spec["kwargs"].get("patch_size", 16)
+    patch = spec.kwargs.get("patch_size", 16)
     assert views["num_views"] == 2 and data["image_size"] % patch == 0
     if config == "msn_digits.yaml":
         assert views["crop_scale"][0] >= 0.9 and views["flip_prob"] == views["jitter_prob"] == 0.0

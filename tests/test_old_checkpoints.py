@@ -19,7 +19,7 @@ def test_old_checkpoints_export_their_backbones(tmp_path):
     for name, prefix in [("simclr_v0", "backbone."), ("mean_teacher_v0", "teacher_backbone.")]:
         checkpoint = torch.load(FIXTURES / f"{name}.ckpt", weights_only=True)
         state, spec = backbone_from_checkpoint(FIXTURES / f"{name}.ckpt")
-        assert spec["name"] == "vit_tiny_patch16_224" and spec["kwargs"]["embed_dim"] == 16
+        assert spec.name == "vit_tiny_patch16_224" and spec.kwargs["embed_dim"] == 16
         rebuilt = load_exported_backbone(export([str(FIXTURES / f"{name}.ckpt"), str(tmp_path / f"{name}.pt")]))
         for key, value in rebuilt.state_dict().items():
             assert torch.equal(value, checkpoint["state_dict"][prefix + key]), key

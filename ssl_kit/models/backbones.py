@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import timm
@@ -19,14 +21,32 @@ def small_patch_size(image_size: int) -> int:
     return 4 if image_size <= 32 else 8
 
 
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything needed to rebuild a backbone: timm's model name and keyword arguments, and whether
+    ssl_kit swaps in the small-image ResNet stem. Exports keep it as JSON beside the weights."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    cifar_stem: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> BackboneSpec:
+        saved = json.loads(text)
+        return cls(saved["name"], saved.get("kwargs", {}), bool(saved.get("cifar_stem", False)))
+
+
 def backbone_spec(
     name: str,
     image_size: int | tuple[int, ...],
     small_image: bool | None = None,
     extra_kwargs: dict[str, Any] | None = None,
     zero_init_last: bool = False,
-) -> dict[str, Any]:
-    """Everything needed to rebuild the backbone: timm name and kwargs, plus the stem change.
+) -> BackboneSpec:
+    """The ``BackboneSpec`` of ``name`` for inputs of ``image_size``: timm's kwargs, plus the stem change.
 
     ``image_size`` is a side, ``(height, width)`` (spectrograms: mel bins x frames) or, for the
     ``video_vit_*`` models, ``(frames, height, width)``.
@@ -43,7 +63,7 @@ def backbone_spec(
         kwargs = {"num_classes": 0, "img_size": height, "num_frames": frames}
         if height <= SMALL_IMAGE_MAX if small_image is None else small_image:
             kwargs["patch_size"] = small_patch_size(height)
-        return {"name": name, "kwargs": {**kwargs, **(extra_kwargs or {})}, "cifar_stem": False}
+        return BackboneSpec(name, {**kwargs, **(extra_kwargs or {})})
     side = max(image_size) if isinstance(image_size, (tuple, list)) else image_size
     small = side <= SMALL_IMAGE_MAX if small_image is None else small_image
     kwargs: dict[str, Any] = {"num_classes": 0}
@@ -56,15 +76,15 @@ def backbone_spec(
         cifar_stem = small
         kwargs["zero_init_last"] = zero_init_last
     kwargs.update(extra_kwargs or {})
-    return {"name": name, "kwargs": kwargs, "cifar_stem": cifar_stem}
+    return BackboneSpec(name, kwargs, cifar_stem)
 
 
-def build_from_spec(spec: dict[str, Any], pretrained: bool = False) -> nn.Module:
+def build_from_spec(spec: BackboneSpec, pretrained: bool = False) -> nn.Module:
     """The backbone a spec describes; ``pretrained`` loads timm's weights (downloads them once)."""
-    model = timm.create_model(spec["name"], pretrained=pretrained, **spec["kwargs"])
-    if spec.get("cifar_stem"):
+    model = timm.create_model(spec.name, pretrained=pretrained, **spec.kwargs)
+    if spec.cifar_stem:
         # 3x3 stride-1 first conv and no max-pool: the standard ResNet stem for 32 px images.
-        in_chans = spec["kwargs"].get("in_chans", 3)
+        in_chans = spec.kwargs.get("in_chans", 3)
         model.conv1 = nn.Conv2d(in_chans, model.bn1.num_features, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
     return model

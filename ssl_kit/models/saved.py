@@ -4,18 +4,16 @@ Every read goes through torch's weights-only loader."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from ssl_kit.checkpoints import read_checkpoint
-from ssl_kit.models.backbones import backbone_spec, build_from_spec
+from ssl_kit.models.backbones import BackboneSpec, backbone_spec, build_from_spec
 
 
-def backbone_from_checkpoint(ckpt_path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+def backbone_from_checkpoint(ckpt_path: str | Path) -> tuple[dict[str, torch.Tensor], BackboneSpec]:
     """The backbone state dict and its build spec, read from an ssl_kit Lightning checkpoint
     (for a ``MeanTeacher`` checkpoint: the teacher's backbone, the model it delivers)."""
     checkpoint = read_checkpoint(ckpt_path)
@@ -29,7 +27,7 @@ def backbone_from_checkpoint(ckpt_path: str | Path) -> tuple[dict[str, torch.Ten
     return state, spec
 
 
-def export_backbone(state_dict: dict[str, torch.Tensor], spec: dict[str, Any], out: str | Path) -> Path:
+def export_backbone(state_dict: dict[str, torch.Tensor], spec: BackboneSpec, out: str | Path) -> Path:
     """Writes ``<out>`` (a plain state dict) and ``<out>.json`` (how to build the model for it).
 
     For standard variants ``timm.create_model(name, num_classes=0).load_state_dict(torch.load(out))``
@@ -38,20 +36,19 @@ def export_backbone(state_dict: dict[str, torch.Tensor], spec: dict[str, Any], o
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state_dict, out)
-    out.with_suffix(out.suffix + ".json").write_text(json.dumps(spec, indent=2))
+    out.with_suffix(out.suffix + ".json").write_text(spec.to_json())
     return out
 
 
 def load_exported_backbone(path: str | Path) -> nn.Module:
     """The backbone an export describes (``<path>.json``), with the exported weights."""
     path = Path(path)
-    spec = json.loads(path.with_suffix(path.suffix + ".json").read_text())
-    model = build_from_spec(spec)
+    model = build_from_spec(BackboneSpec.from_json(path.with_suffix(path.suffix + ".json").read_text()))
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model
 
 
-def load_backbone_weights(backbone: nn.Module, spec: dict, path: str | Path) -> None:
+def load_backbone_weights(backbone: nn.Module, spec: BackboneSpec, path: str | Path) -> None:
     """Loads an ssl_kit checkpoint's backbone (``.ckpt``) or an exported one (``python -m
     ssl_kit.export``: a state dict plus ``.json`` spec) into ``backbone``; a different architecture
     is an error naming the file."""
@@ -63,11 +60,11 @@ def load_backbone_weights(backbone: nn.Module, spec: dict, path: str | Path) -> 
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
         spec_file = path.with_suffix(path.suffix + ".json")
-        saved_spec = json.loads(spec_file.read_text()) if spec_file.is_file() else {}
+        saved_spec = BackboneSpec.from_json(spec_file.read_text()) if spec_file.is_file() else BackboneSpec("unknown")
     try:
         backbone.load_state_dict(state)
     except RuntimeError as error:
         raise ValueError(
-            f"init_from {path}: its backbone ({saved_spec.get('name')}, {saved_spec.get('kwargs')}) does not fit "
-            f"this model's ({spec['name']}, {spec['kwargs']}); use the same --model.backbone and image size. {error}"
+            f"init_from {path}: its backbone ({saved_spec.name}, {saved_spec.kwargs}) does not fit "
+            f"this model's ({spec.name}, {spec.kwargs}); use the same --model.backbone and image size. {error}"
         ) from error
