@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ssl_kit.fit import main as fit
-from ssl_kit.semi.noisy_student import main as noisy_student
+from ssl_kit.noisy_student import main as noisy_student
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mean_teacher_mnist.yaml")
 PRETRAIN_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "simclr_mnist.yaml")

@@ -27,6 +27,11 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 log = logging.getLogger("ssl_kit")
 
+#: Where older checkpoints say a class lives -> where it lives now. LightningCLI records the import
+#: path of the model's class in the checkpoint, and Lightning refuses to load one whose recorded
+#: class is not an imported subclass of the one asked for.
+MOVED_CLASSES = {"ssl_kit.methods.MeanTeacher": "ssl_kit.semi.MeanTeacher"}
+
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint's contents, unpickled with torch's weights-only loader: tensors, numbers,

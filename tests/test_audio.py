@@ -12,7 +12,7 @@ import torch
 from helpers import TINY_RUN, SHARED_DATA, against_random_init, fit
 from ssl_kit.data import AudioFolderDataModule, FSDDDataModule, SyntheticAudioDataModule
 from ssl_kit.data.audio import read_audio
-from ssl_kit.data.datasets import UnreadableFileError
+from ssl_kit.data.samples import UnreadableFileError
 from ssl_kit.transforms.audio import AudioViews, LogMel, fit_length
 
 

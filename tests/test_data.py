@@ -21,7 +21,8 @@ from ssl_kit.data import (
     MNISTDataModule,
     STL10DataModule,
 )
-from ssl_kit.data.datasets import UnreadableFileError, labels_of
+from ssl_kit.data.datasets import labels_of
+from ssl_kit.data.samples import UnreadableFileError
 from ssl_kit.data.image import TEST_SPLIT_SEED, read_idx
 from ssl_kit.data.splits import stratified_split
 

@@ -376,7 +376,7 @@ def test_the_doubly_robust_labeled_share_comes_from_the_split_not_the_batches(tm
 # Noisy Student: pool labeling, filtering, balancing
 # --------------------------------------------------------------------------------------------
 def test_select_pseudo_labels_filters_by_confidence_and_balances_classes():
-    from ssl_kit.semi.noisy_student import select_pseudo_labels
+    from ssl_kit.semi.pseudo_labels import select_pseudo_labels
 
     # class 0: confidences .9 .8 .6 ; class 1: .95 ; class 2: .5 (below the threshold)
     probs = torch.tensor([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.6, 0.2, 0.2], [0.02, 0.95, 0.03], [0.25, 0.25, 0.5]])
@@ -453,7 +453,7 @@ def test_noisy_student_trains_the_student_on_the_selected_pseudo_labels(tmp_path
     """The teacher's pool predictions are replaced by known ones: class 7 on even pool positions
     (confidence 0.9), class 2 on odd ones (0.3). The round-1 student's unlabeled batches carry only
     the selected samples' targets (one-hot 7), never online teacher labels."""
-    import ssl_kit.semi.noisy_student as noisy_student
+    import ssl_kit.noisy_student as noisy_student
     from helpers import REPO, TINY
 
     def known_predictions(model, loader):

@@ -103,8 +103,7 @@ def test_a_decompression_bomb_is_named_and_can_be_skipped(tmp_path, monkeypatch)
     from PIL import Image
 
     from ssl_kit.data import ImageFolderDataModule
-    from ssl_kit.data.datasets import UnreadableFileError
-
+    from ssl_kit.data.samples import UnreadableFileError
     for split, count in (("train", 6), ("val", 2)):
         for cls in ("a", "b"):
             (tmp_path / split / cls).mkdir(parents=True)

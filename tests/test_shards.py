@@ -17,7 +17,7 @@ from PIL import Image
 
 from helpers import REPO, TINY_RUN, fit
 from ssl_kit.data import AudioFolderDataModule, ImageFolderDataModule, KineticsDataModule, VideoFolderDataModule
-from ssl_kit.data.datasets import ShardMember, UnreadableFileError, open_sample
+from ssl_kit.data.samples import ShardMember, UnreadableFileError, open_sample
 from ssl_kit.data.shards import convert, main as convert_main
 from test_audio import write_folder as write_audio_folder
 from test_video import write_mp4

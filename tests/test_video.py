@@ -10,7 +10,7 @@ import torch
 
 from helpers import TINY_RUN, against_random_init, fit
 from ssl_kit.data import MovingDigitsDataModule, VideoFolderDataModule
-from ssl_kit.data.datasets import UnreadableFileError
+from ssl_kit.data.samples import UnreadableFileError
 from ssl_kit.data.video import clip_indices, read_video
 from ssl_kit.models.masking import tube_token_mask
 from ssl_kit.transforms.video import VideoViews

@@ -11,7 +11,7 @@ import torch
 
 from helpers import TINY_RUN, fit
 from ssl_kit.data import HMDB51DataModule, KineticsDataModule, UCF101DataModule
-from ssl_kit.data.datasets import UnreadableFileError
+from ssl_kit.data.samples import UnreadableFileError
 from test_video import write_mp4
 
 FAST = dict(frames_per_clip=4, frame_stride=2, frame_size=16, batch_size=2, num_workers=0)

@@ -16,9 +16,8 @@ from torch import Tensor
 
 from ssl_kit.data.base import SSLDataModule, Splits
 from ssl_kit.data.cache import DecodedCache
-from ssl_kit.data.datasets import (
-    LabeledFiles, Samples, SkippedFiles, Source, TensorSamples, UnreadableFileError, class_folder_samples, open_sample,
-)  # fmt: skip
+from ssl_kit.data.datasets import LabeledFiles, SkippedFiles, TensorSamples, class_folder_samples
+from ssl_kit.data.samples import Samples, Source, UnreadableFileError, open_sample
 from ssl_kit.data.sources import ClassFolders
 from ssl_kit.data.download import download_and_extract, obtain
 from ssl_kit.transforms.audio import AudioEval, AudioViews, LogMel

@@ -14,7 +14,8 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_kit.data.cache import DecodedCache
-from ssl_kit.data.datasets import RefillingCollate, Samples, SkippedFiles, Transformed, WithTargets, labels_of
+from ssl_kit.data.datasets import RefillingCollate, SkippedFiles, Transformed, WithTargets, labels_of
+from ssl_kit.data.samples import Samples
 from ssl_kit.data.semi_supervised import FewLabelSplit, PseudoLabeledPool, SemiSupervisedBatch
 from ssl_kit.data.splits import TEST_CARVE_SEED, stratified_split, subsample
 from ssl_kit.transforms import ImageViews, ViewAugmentation, eval_transform

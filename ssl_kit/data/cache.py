@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssl_kit.data.datasets import ShardMember, Source
+from ssl_kit.data.samples import ShardMember, Source
 
 
 class DecodedCache:

@@ -14,7 +14,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable, Protocol
 
-from ssl_kit.data.datasets import Samples, ShardMember, class_names
+from ssl_kit.data.datasets import class_names
+from ssl_kit.data.samples import Samples, ShardMember
 
 INDEX_NAME = "shards.json"
 FORMAT = "ssl_kit.shards"

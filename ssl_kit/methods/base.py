@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ssl_kit.checkpoints import resume_checkpoint
+from ssl_kit.checkpoints import MOVED_CLASSES, read_checkpoint, resume_checkpoint
 from ssl_kit.evaluation.knn import knn_predict
 from ssl_kit.models.backbones import backbone_spec, build_from_spec
 from ssl_kit.optim import OptimizerName, TrainingBudget, build_optimizer, decay_groups, warmup_cosine_config
@@ -70,6 +70,14 @@ class BackboneModule(L.LightningModule):
         self.backbone = build_from_spec(self.backbone_spec)
         self.feature_dim: int = self.backbone.num_features
         self._budget: TrainingBudget | None = None
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's loader, for checkpoints whose recorded class has moved since (``MOVED_CLASSES``) too."""
+        recorded = read_checkpoint(checkpoint_path).get("hyper_parameters", {}).get("_class_path")
+        if recorded in MOVED_CLASSES:
+            kwargs.setdefault("_class_path", MOVED_CLASSES[recorded])
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.backbone(images)

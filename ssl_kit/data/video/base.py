@@ -7,7 +7,7 @@ from typing import Literal
 import numpy as np
 
 from ssl_kit.data.base import SSLDataModule, Splits
-from ssl_kit.data.datasets import Samples
+from ssl_kit.data.samples import Samples
 from ssl_kit.data.splits import stratified_split
 from ssl_kit.data.video.files import VideoFiles
 from ssl_kit.transforms.base import ViewAugmentation

@@ -14,9 +14,8 @@ from PIL import Image
 from torch import Tensor
 
 from ssl_kit.data.cache import DecodedCache
-from ssl_kit.data.datasets import (
-    IMAGE_EXTENSIONS, LabeledFiles, Samples, ShardMember, SkippedFiles, Source, UnreadableFileError, open_sample,
-)  # fmt: skip
+from ssl_kit.data.datasets import IMAGE_EXTENSIONS, LabeledFiles, SkippedFiles
+from ssl_kit.data.samples import Samples, ShardMember, Source, UnreadableFileError, open_sample
 from ssl_kit.data.sources import FRAMES_SUFFIX
 
 
