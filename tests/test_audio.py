@@ -198,12 +198,14 @@ def test_fsdd_missing_root_says_where(tmp_path):
     ],
     ids=["resnet18", "spectrogram-vit"],
 )
+@pytest.mark.slow
 def test_simclr_runs_on_spectrograms(tmp_path, backbone):
     cli = fit("simclr_synthetic_audio.yaml", tmp_path, "--trainer.max_epochs", "1", "--data.batch_size", "32", *backbone, base=TINY_RUN)
     assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     assert cli.model.hparams.image_size == (64, 101)
 
 
+@pytest.mark.slow
 def test_audiofolder_config_runs_on_a_folder_of_mixed_formats(tmp_path):
     write_folder(tmp_path / "audio")
     cli = fit("simclr_audiofolder.yaml", tmp_path / "run", "--trainer.max_epochs", "1", "--data.root", str(tmp_path / "audio"),
@@ -211,6 +213,7 @@ def test_audiofolder_config_runs_on_a_folder_of_mixed_formats(tmp_path):
     assert cli.trainer.global_step == 2 and cli.datamodule.num_classes == 2
 
 
+@pytest.mark.slow
 def test_simclr_learns_on_the_embedded_audio(tmp_path):
     """5 epochs (60 steps) on the synthetic calls: a linear probe on the trained 1-channel
     ResNet-18's frozen features clearly beats the same probe at random init (measured: 0.700 vs

@@ -288,6 +288,7 @@ def test_audio_loader_batch_and_paired_views():
 
 # -- the CLI ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("config", ["simclr_moving_digits_batched.yaml", "simclr_synthetic_audio_batched.yaml"])
+@pytest.mark.slow
 def test_batched_config_trains_two_steps(tmp_path, config):
     cli = fit(config, tmp_path, "--trainer.max_steps", "2", "--data.batch_size", "8", base=TINY_RUN)
     assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])

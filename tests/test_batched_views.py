@@ -88,6 +88,7 @@ def test_config_switches_with_the_class_name():
 
 # -- parameter statistics --------------------------------------------------------------------
 @pytest.mark.parametrize("crop_scale", [(0.08, 1.0), (0.9, 1.0)])  # the second often falls back
+@pytest.mark.slow
 def test_crop_boxes_follow_torchvision_get_params(crop_scale):
     views = make_views(32, crop_scale=crop_scale)
     batched = views.sample_params(0, DRAWS, torch.Generator().manual_seed(0)).box.double()

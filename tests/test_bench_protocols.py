@@ -165,6 +165,7 @@ class KeepModel(L.Callback):
         self.model = pl_module
 
 
+@pytest.mark.slow
 def test_fine_tune_trains_a_copy_of_the_backbone_above_chance():
     from ssl_kit.data.image import DigitsDataModule
 

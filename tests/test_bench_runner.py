@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 
+import pytest
 import torch
 import yaml
 
@@ -47,6 +48,7 @@ def run_main(*args: str) -> None:
     main(list(args))
 
 
+@pytest.mark.slow
 def test_suite_writes_one_row_per_protocol_and_skips_finished_cells(tmp_path, monkeypatch):
     path, suite = suite_file(tmp_path, seeds=[0])
     run_main("--config", str(path), "--report", str(tmp_path / "report"))
@@ -102,6 +104,7 @@ def wait_for(condition, timeout: float) -> None:
     raise TimeoutError("condition not met in time")
 
 
+@pytest.mark.slow
 def test_killed_suite_resumes_without_redoing_finished_cells(tmp_path):
     path, suite = suite_file(tmp_path, seeds=[0, 1], epochs=3, protocols={"knn": {"k": 5}})
     suite["entries"] = suite["entries"][:1]  # SimCLR, 2 seeds: 2 cells of 3 epochs
@@ -130,6 +133,7 @@ def test_killed_suite_resumes_without_redoing_finished_cells(tmp_path):
     assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 6  # 3 epochs of 2 batches, not more
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_suite_run_and_store_each_cell_once(tmp_path):
     """Two suite processes started together on one store share the cells out through claims:
     each cell runs once and has one row, so the report's seed counts stay true."""
@@ -167,6 +171,7 @@ DDP_EXTRACT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_feature_extraction_on_two_gloo_processes_equals_one_process(tmp_path):
     script = tmp_path / "extract.py"
     script.write_text(DDP_EXTRACT)
@@ -182,6 +187,7 @@ def test_feature_extraction_on_two_gloo_processes_equals_one_process(tmp_path):
             assert torch.allclose(ranked[split].features, single[split].features, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_lightly_reference_entry_and_time_to_accuracy_curve(tmp_path):
     """A ``pipeline: lightly`` entry trains lightly's documented SimCLR on the config's backbone and
     data and is evaluated by the same protocols; ``knn_curve`` evaluates the snapshots taken during
@@ -224,6 +230,7 @@ def test_lightly_reference_entry_and_time_to_accuracy_curve(tmp_path):
     assert "knn_curve" not in report  # the curve is plotted, not tabled
 
 
+@pytest.mark.slow
 def test_gpu_reference_script_runs_in_smoke_mode_and_reports_every_run(tmp_path):
     """benchmarks/gpu_reference.sh --smoke: the GPU check's four runs (ssl_kit and lightly, SimCLR and
     Barlow Twins) on a generated JPEG folder on the CPU, and its table of pairs/s and kNN."""
@@ -239,6 +246,7 @@ def test_gpu_reference_script_runs_in_smoke_mode_and_reports_every_run(tmp_path)
         assert pairs > 0 and 0.0 <= knn <= 100.0
 
 
+@pytest.mark.slow
 def test_a_resumed_cell_counts_only_its_own_steps_in_its_throughput(tmp_path):
     """Pretraining throughput is this process's steps over this process's time: a cell resumed from
     a finished run trains no more steps, so it has no throughput (it divided all 4 steps by the

@@ -86,6 +86,7 @@ def write_cells(path: Path, suite: str, cells: int, start: multiprocessing.synch
         time.sleep(0.005)
 
 
+@pytest.mark.slow
 def test_concurrent_writers_lose_no_rows(tmp_path):
     path, cells = tmp_path / "results.sqlite", 200
     context = multiprocessing.get_context("spawn")

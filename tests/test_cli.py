@@ -70,6 +70,7 @@ def test_unknown_key_in_config_file_fails_naming_it(tmp_path, capsys):
     assert "temprature" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_from_last_continues_step_count_and_optimizer(tmp_path):
     first = fit("quickstart.yaml", tmp_path, "--trainer.max_epochs", "1")
     assert first.trainer.global_step == 2
@@ -87,6 +88,7 @@ def test_resume_from_last_continues_step_count_and_optimizer(tmp_path):
     assert second.trainer.lr_scheduler_configs[0].scheduler.last_epoch == 4
 
 
+@pytest.mark.slow
 def test_training_writes_csv_and_tensorboard_logs_and_prints_summary(tmp_path, capsys):
     fit("quickstart.yaml", tmp_path, "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1")
     out = capsys.readouterr().out
@@ -113,6 +115,7 @@ class ExplodingAtOnceSimCLR(ExplodingSimCLR):
     explode_at = 0
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"training loss is nan at epoch 1, global step 2.*The last good checkpoint is .*last.ckpt"):
         fit("quickstart.yaml", tmp_path, "--trainer.max_epochs", "3", "--model", f"{__name__}.ExplodingSimCLR")
@@ -123,6 +126,7 @@ def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_pa
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_export_loads_into_plain_timm_model(tmp_path):
     fit("quickstart.yaml", tmp_path, "--trainer.max_epochs", "1", "--model.small_image", "false")
     out = export_main([str(tmp_path / "checkpoints" / "last.ckpt"), str(tmp_path / "backbone.pt")])

@@ -5,9 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from helpers import REPO, TINY
+
+pytestmark = pytest.mark.slow  # spawned process groups: seconds each
 
 
 def test_fit_runs_as_two_gloo_processes(tmp_path):

@@ -30,6 +30,8 @@ from torch import Tensor, nn
 
 from ddp import TwoViewLinear, gloo_group, seeded_two_view_linear, spawn_ranks
 
+pytestmark = pytest.mark.slow  # spawned process groups: seconds each
+
 WORLD_SIZE = 2
 GLOBAL_BATCH = 16
 IN_DIM, OUT_DIM = 6, 8

@@ -9,10 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers import REPO, TINY
 from ddp import free_port
+
+pytestmark = pytest.mark.slow  # spawned process groups: seconds each
 
 CONFIG = str(REPO / "configs" / "barlow_twins_digits.yaml")
 OVERRIDES = [*TINY, "--trainer.max_epochs", "1"]

@@ -276,6 +276,7 @@ def test_shipped_configs_build_a_tiling_vit(config, image_size, grid):
 
 
 # -- the CLI: figures and learning ----------------------------------------------------------
+@pytest.mark.slow
 def test_reconstruction_png_is_written_each_validation_epoch(tmp_path):
     rows = 4
     cli = fit(
@@ -334,6 +335,7 @@ def masked_val_loss(model: MAE, images: torch.Tensor) -> float:
         return model.criterion(pred, model.patches.patchify(images), mask.mask).item()
 
 
+@pytest.mark.slow
 def test_mae_learns_beyond_random_init_features(tmp_path):
     """A short run on the digits: the masked reconstruction loss on validation images drops well
     below both the random-init model's and the best constant prediction's (0 in norm-pix units),

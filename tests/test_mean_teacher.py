@@ -329,6 +329,7 @@ def test_mean_teacher_needs_a_semi_supervised_datamodule():
 # --------------------------------------------------------------------------------------------
 # the pipeline through the CLI: pretrain -> self-train
 # --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_pretrain_then_self_train_from_the_checkpoint(tmp_path):
     from ssl_kit.models import backbone_from_checkpoint
 
@@ -345,6 +346,7 @@ def test_pretrain_then_self_train_from_the_checkpoint(tmp_path):
     del pretrain
 
 
+@pytest.mark.slow
 def test_init_from_a_different_architecture_names_the_file(tmp_path):
     fit("simclr_digits.yaml", tmp_path / "simclr", "--trainer.max_epochs", "1")
     checkpoint = tmp_path / "simclr" / "checkpoints" / "last.ckpt"
@@ -354,6 +356,7 @@ def test_init_from_a_different_architecture_names_the_file(tmp_path):
         MeanTeacher(backbone="resnet18", image_size=8, init_from=str(tmp_path / "nothing.ckpt"))
 
 
+@pytest.mark.slow
 def test_cli_run_logs_mask_rate_and_pseudo_label_accuracy_saves_the_split_and_tests_the_teacher(tmp_path):
     cli = fit("mean_teacher_digits.yaml", tmp_path, "--trainer.max_epochs", "2", "--data.batch_size", "4", "--model.threshold", "0.5")
     metrics = cli.trainer.callback_metrics
@@ -419,6 +422,7 @@ LEARN = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_mean_teacher_beats_the_same_model_trained_on_the_labels_alone(tmp_path):
     mean_teacher = fit("mean_teacher_digits.yaml", tmp_path / "mt", *LEARN)
     labels_only = fit("mean_teacher_digits.yaml", tmp_path / "sup", *LEARN, "--model.unlabeled_weight", "0")
@@ -430,6 +434,7 @@ def test_mean_teacher_beats_the_same_model_trained_on_the_labels_alone(tmp_path)
     assert mean_teacher.trainer.callback_metrics["train/mask_rate"] > 0.3  # the pool was really used
 
 
+@pytest.mark.slow
 def test_noisy_student_command_runs_every_round_with_a_larger_noised_student(tmp_path, capsys):
     from helpers import REPO, TINY
     from ssl_kit.noisy_student import main as noisy_student
@@ -449,6 +454,7 @@ def test_noisy_student_command_runs_every_round_with_a_larger_noised_student(tmp
     assert student.hparams.backbone_kwargs == {"drop_rate": 0.3} and student.backbone.drop_rate == 0.3
 
 
+@pytest.mark.slow
 def test_noisy_student_trains_the_student_on_the_selected_pseudo_labels(tmp_path, monkeypatch):
     """The teacher's pool predictions are replaced by known ones: class 7 on even pool positions
     (confidence 0.9), class 2 on odd ones (0.3). The round-1 student's unlabeled batches carry only

@@ -307,6 +307,7 @@ def test_two_rank_infonce_equals_one_process_on_the_global_batch(ranks: list[dic
 # learning on MNIST
 # --------------------------------------------------------------------------------------------
 @needs_mnist
+@pytest.mark.slow
 def test_moco_v3_learns_beyond_random_init_features(tmp_path):
     """A linear probe on the trained ResNet-18's frozen features clearly beats the same probe at
     random init (measured: 0.962 vs 0.925). A short run wants a momentum encoder that moves faster

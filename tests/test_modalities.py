@@ -32,6 +32,7 @@ VIDEO_CONFIGS = [
 
 
 @pytest.mark.parametrize("config", AUDIO_CONFIGS + VIDEO_CONFIGS)
+@pytest.mark.slow
 def test_each_method_runs_on_each_embedded_modality(tmp_path, config):
     cli = fit(config, tmp_path, "--trainer.max_epochs", "1", "--data.batch_size", "8", base=TINY_RUN)
     assert cli.trainer.global_step == 2
@@ -148,6 +149,7 @@ def test_audio_datamodule_configures_both_parts_and_rejects_image_views():
         SyntheticAudioDataModule(views=PairedViews(AudioViews(num_views=1), ImageViews(num_views=1)))
 
 
+@pytest.mark.slow
 def test_audio_mae_saves_spectrogram_reconstructions(tmp_path):
     fit("mae_synthetic_audio.yaml", tmp_path, "--trainer.max_epochs", "1", "--data.batch_size", "8", base=TINY_RUN)
     figures = sorted(tmp_path.rglob("reconstructions/epoch0000.png"))

@@ -58,6 +58,7 @@ def test_a_truncated_checkpoint_names_the_file(tmp_path):
         read_checkpoint(path)
 
 
+@pytest.mark.slow
 def test_skip_bad_files_under_two_ddp_ranks_keeps_every_rank_training(tmp_path):
     """A folder with unreadable files spread unevenly over the ranks' shards: with
     --data.skip_bad_files every rank's batches keep their size (bad samples replaced by copies of
@@ -120,6 +121,7 @@ def test_a_decompression_bomb_is_named_and_can_be_skipped(tmp_path, monkeypatch)
     assert images.shape == (13, 3, 8, 8)
 
 
+@pytest.mark.slow
 def test_a_save_killed_midway_leaves_the_previous_checkpoint_whole(tmp_path):
     """kill -9 while ``AtomicCheckpointIO`` rewrites a 64 MB checkpoint, with $TMPDIR on another
     filesystem where one exists (/dev/shm: where Lightning's own writer stages the file and then
@@ -157,6 +159,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_whole(tmp_path):
     assert [path.name for path in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+@pytest.mark.slow
 def test_resume_last_passes_over_an_unreadable_last_ckpt_and_names_it(tmp_path, capsys, caplog):
     """``--ckpt_path last`` with a truncated last.ckpt resumes from the newest readable checkpoint
     (saying which file it passed over) instead of failing with a bare EOFError; with no readable
@@ -184,6 +187,7 @@ def test_resume_last_passes_over_an_unreadable_last_ckpt_and_names_it(tmp_path, 
         main([*args, "--trainer.max_epochs", "4", "--ckpt_path", "last"])
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumed_from_last_ends_where_an_uninterrupted_one_does(tmp_path):
     """Three epochs in one go, and the same run stopped after two then resumed with ``--ckpt_path
     last``: with the random generators restored the third epoch draws the same data order and
@@ -216,6 +220,7 @@ def test_an_interrupted_run_resumed_from_last_ends_where_an_uninterrupted_one_do
         assert torch.allclose(resumed["state_dict"][name].float(), weight.float(), atol=1e-6), name
 
 
+@pytest.mark.slow
 def test_folder_errors_are_one_clear_sentence(tmp_path):
     """A missing root, an empty train/ and a train/ with one class folder each stop with a sentence
     naming the folder (the command line prints it last, once, not inside jsonargparse's chained

@@ -64,6 +64,7 @@ def run(root, *args: str, record: Record, ckpt_path: str | None = None) -> SSLCL
     return cli
 
 
+@pytest.mark.slow
 def test_a_max_steps_only_run_warms_up_then_decays_over_its_steps(tmp_path):
     """``--trainer.max_steps`` alone leaves ``max_epochs`` unset: the warmup is still one epoch (2
     steps), not the whole run, and the cosine ends at the last step."""
@@ -76,6 +77,7 @@ def test_a_max_steps_only_run_warms_up_then_decays_over_its_steps(tmp_path):
     assert record.lrs[11] < 0.05 * BASE_LR  # decayed, not stuck at the peak
 
 
+@pytest.mark.slow
 def test_resuming_a_step_budget_continues_the_same_schedule(tmp_path):
     whole = Record()
     run(tmp_path / "whole", "--trainer.max_epochs", "-1", "--trainer.max_steps", "12", record=whole)
@@ -95,6 +97,7 @@ def clock(monkeypatch) -> FakeClock:
     return fake
 
 
+@pytest.mark.slow
 def test_a_wall_clock_budget_decays_over_the_time_and_resumes_where_it_was(tmp_path, clock):
     """``--trainer.max_epochs -1 --trainer.max_time 10 s`` (once an OverflowError at start): two steps
     of warmup, then the cosine over the share of the 10 s used, one step per (fake) second. The
@@ -126,6 +129,7 @@ def test_a_run_without_an_end_is_refused_with_the_options_named():
         TrainingBudget(endless)
 
 
+@pytest.mark.slow
 def test_ema_momentum_follows_a_wall_clock_budget(tmp_path, clock):
     """MoCo v3's momentum goes from its base to 1 over a ``max_time`` run (the EMA schedules once
     converted ``estimated_stepping_batches``, infinite here, to an int). After optimizer step k,
@@ -157,6 +161,7 @@ def test_ema_momentum_follows_a_wall_clock_budget(tmp_path, clock):
 @pytest.mark.parametrize(
     "config", ["simclr_digits.yaml", "barlow_twins_digits.yaml", "moco_v3_digits.yaml", "mae_digits.yaml", "msn_digits.yaml", "mean_teacher_digits.yaml"]
 )
+@pytest.mark.slow
 def test_every_method_trains_for_a_wall_clock_budget(tmp_path, clock, config):
     """Each method under ``--trainer.max_time`` alone: it stops when the (fake, 1 s per step) clock
     runs out and its learning rate has decayed from the peak to near zero by then."""

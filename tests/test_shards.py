@@ -132,6 +132,7 @@ DDP_EPOCH = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_every_sample_once_per_epoch_across_two_ranks_and_two_workers(tmp_path):
     classes = [f"c{i:02d}" for i in range(16)]
     for split in ("train", "val"):  # one training image per class, so its label names it; explicit val/: no holdout
@@ -154,6 +155,7 @@ def test_every_sample_once_per_epoch_across_two_ranks_and_two_workers(tmp_path):
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])
+@pytest.mark.slow
 def test_first_training_loss_on_shards_equals_the_folder(tmp_path, workers):
     write_images(tmp_path / "folder", {"train": 4, "val": 1}, size=20)
     convert(str(tmp_path / "folder"), str(tmp_path / "shards"), "image", shard_size_mb=0.004)

@@ -86,6 +86,7 @@ def test_lars_with_fused_optimizer_names_the_key():
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile (inductor, CPU) needs a C compiler")
+@pytest.mark.slow
 def test_compiled_backbone_same_losses_and_interchangeable_checkpoints(reference, tmp_path):
     """Checkpoints load both ways, strictly (same keys)."""
     compiled = model(compile_backbone=True)

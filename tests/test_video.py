@@ -126,6 +126,7 @@ def test_simclr_runs_on_clips_with_a_video_vit(tmp_path):
     assert cli.model.hparams.image_size == (8, 32, 32) and cli.model.backbone.grid == (4, 4, 4)
 
 
+@pytest.mark.slow
 def test_videofolder_config_runs_on_a_folder_of_mp4s(tmp_path):
     for cls, shade in (("a", 0), ("b", 90)):
         (tmp_path / "videos" / "train" / cls).mkdir(parents=True)
@@ -138,6 +139,7 @@ def test_videofolder_config_runs_on_a_folder_of_mp4s(tmp_path):
     assert cli.trainer.global_step == 2 and cli.datamodule.num_classes == 2
 
 
+@pytest.mark.slow
 def test_simclr_learns_motion_on_the_embedded_clips(tmp_path):
     """4 epochs (32 steps) of SimCLR on the moving digits: kNN accuracy on the motion label of the
     trained video ViT clearly beats the same network at random init (measured: 0.97 vs 0.60; 0.99
