@@ -1,9 +1,11 @@
-"""Shared test helpers: tiny, fast configurations of the real CLI and the random-init yardstick."""
+"""Shared test helpers: tiny, fast configurations of the real CLI, the random-init yardstick, and media
+files written in the real formats."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,3 +75,44 @@ def against_random_init(cli, label: str) -> dict[str, tuple[float, float]]:
     shown = "; ".join(f"{protocol} trained {trained:.3f} vs random init {random:.3f}" for protocol, (trained, random) in result.items())
     print(f"{label}: {shown} after {cli.trainer.global_step} steps")
     return result
+
+
+# -- media files in the real formats ---------------------------------------------------------
+def tone(frequency: float, rate: int, seconds: float = 0.5, channels: int = 1) -> np.ndarray:
+    """A sine of ``frequency`` Hz at half amplitude, mono or ``channels`` identical channels."""
+    t = np.arange(int(rate * seconds)) / rate
+    wave = (0.5 * np.sin(2 * np.pi * frequency * t)).astype(np.float32)
+    return np.stack([wave] * channels, axis=1) if channels > 1 else wave
+
+
+def write_audio_folder(root, corrupt: bool = False):
+    """``root/{train,test}/{high,low}/`` tones in wav, flac and ogg (and a corrupt file in train)."""
+    import soundfile
+
+    rate = 16000
+    for split, takes in (("train", 6), ("test", 2)):
+        for label, (name, freq) in enumerate((("high", 1200.0), ("low", 200.0))):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for take in range(takes):
+                fmt = (".wav", ".flac", ".ogg")[take % 3]
+                soundfile.write(folder / f"{take}{fmt}", tone(freq * (1 + 0.02 * take), rate, seconds=0.3 + 0.2 * take), rate)
+    if corrupt:
+        (root / "train" / "high" / "broken.wav").write_bytes(b"garbage")
+
+
+def write_mp4(path, frames: int = 12, size: int = 32, shade: int = 0) -> None:
+    """An mpeg4 clip of a white bar moving right on a ``shade`` background."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            image = np.full((size, size, 3), shade, dtype=np.uint8)
+            image[:, (2 * i) % size] = 255  # a bar moving right
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)

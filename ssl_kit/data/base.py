@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_kit.data.cache import DecodedCache
-from ssl_kit.data.datasets import RefillingCollate, SkippedFiles, Transformed, WithTargets, labels_of
+from ssl_kit.data.datasets import FileImages, RefillingCollate, SkippedFiles, Transformed, WithTargets, labels_of
 from ssl_kit.data.samples import Samples
 from ssl_kit.data.semi_supervised import FewLabelSplit, PseudoLabeledPool, SemiSupervisedBatch
 from ssl_kit.data.splits import TEST_CARVE_SEED, stratified_split, subsample
@@ -130,8 +130,9 @@ class SSLDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def files(self, samples: Samples) -> Dataset:
-        """The dataset that reads a list of ``(file, label)`` samples (file-based DataModules)."""
-        raise NotImplementedError(f"{type(self).__name__} does not read sample lists")
+        """The dataset that reads a list of ``(file, label)`` samples, with bad-file skipping and the
+        decoded cache: images here; the audio and video bases read their own media."""
+        return FileImages(samples, self.skipped_files, self.decoded_cache)
 
     def sample_splits(self, train: Samples, val: Samples | None, test: Samples | None) -> Splits:
         """``Splits`` of sample lists read by ``files``; without ``val`` a seeded, stratified

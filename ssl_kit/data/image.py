@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from ssl_kit.data.base import Splits, SSLDataModule, unlabeled
-from ssl_kit.data.datasets import IMAGE_EXTENSIONS, ArrayImages, Concatenated, FileImages, class_folder_samples
+from ssl_kit.data.datasets import IMAGE_EXTENSIONS, ArrayImages, Concatenated, class_folder_samples
 from ssl_kit.data.download import obtain
-from ssl_kit.data.samples import Samples
 from ssl_kit.data.sources import ClassFolders
 
 #: Fixed seed for carving a test set out of datasets that have none, so it never moves with ``seed``.
@@ -235,6 +234,3 @@ class ImageFolderDataModule(ClassFolders, SSLDataModule):
     folder_kind = "ImageFolder"
     modality = "image"
     list_split = staticmethod(list_images)
-
-    def files(self, samples: Samples) -> FileImages:
-        return FileImages(samples, self.skipped_files, self.decoded_cache)

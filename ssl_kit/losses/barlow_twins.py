@@ -21,7 +21,7 @@ class BarlowTwinsLoss(nn.Module):
 
     lightly's ``BarlowTwinsLoss(gather_distributed=True)`` standardises with local statistics and
     sums C with a raw ``all_reduce``, so its DDP gradients are wrong; here both the statistics and
-    C are reduced with autograd-aware collectives (tests/test_distributed.py shows the difference).
+    C are reduced with autograd-aware collectives (tests/integration/test_distributed.py shows the difference).
     """
 
     def __init__(self, lambda_param: float = 5e-3, eps: float = 1e-5) -> None:

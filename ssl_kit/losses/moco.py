@@ -17,7 +17,7 @@ class InfoNCELoss(nn.Module):
     ``r * N + i`` and every other key of the global batch as a negative. Keys are detached: they
     come from the momentum encoder and carry no gradient. Queries stay local, so each rank's loss
     is the mean over its own queries; with DDP averaging gradients over ranks this is exactly the
-    gradient of the global-batch loss (tests/test_moco_v3.py checks it on 2 gloo processes).
+    gradient of the global-batch loss (tests/methods/test_moco_v3.py checks it on 2 gloo processes).
 
     The ``2T`` factor is the official implementation's: it cancels the ``1/T`` of the logits in
     the gradient's scale, so the learning rate does not have to change with the temperature. The

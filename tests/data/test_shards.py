@@ -15,12 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import REPO, TINY_RUN, fit
+from helpers import REPO, TINY_RUN, fit, write_audio_folder, write_mp4
 from ssl_kit.data import AudioFolderDataModule, ImageFolderDataModule, KineticsDataModule, VideoFolderDataModule
 from ssl_kit.data.samples import ShardMember, UnreadableFileError, open_sample
 from ssl_kit.data.shards import convert, main as convert_main
-from test_audio import write_folder as write_audio_folder
-from test_video import write_mp4
 
 
 def write_images(root: Path, per_class: dict[str, int], seed: int = 0, size: int = 12) -> None:

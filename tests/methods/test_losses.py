@@ -196,7 +196,7 @@ def test_barlow_twins_relation_to_lightly_single_process() -> None:
     """lightly's ``_normalize`` is ``F.batch_norm(training=True)``, which standardises with the
     *biased* batch variance and eps = 1e-5 (the unbiased estimate only feeds running_var, which
     lightly does not keep). So on one process the two losses are identical; they differ only under
-    DDP, where lightly uses per-rank statistics (tests/test_distributed.py)."""
+    DDP, where lightly uses per-rank statistics (tests/integration/test_distributed.py)."""
     for seed, lam in [(4, 5e-3), (5, 0.3)]:
         z_a, z_b = _random_pair(seed, n=8, d=5)
         ours = BarlowTwinsLoss(lambda_param=lam)(z_a, z_b).item()

@@ -8,28 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY_RUN, against_random_init, fit
+from helpers import TINY_RUN, against_random_init, fit, write_mp4
 from ssl_kit.data import MovingDigitsDataModule, VideoFolderDataModule
 from ssl_kit.data.samples import UnreadableFileError
 from ssl_kit.data.video import clip_indices, read_video
 from ssl_kit.models.masking import tube_token_mask
 from ssl_kit.transforms.video import VideoViews
-
-
-def write_mp4(path, frames: int = 12, size: int = 32, shade: int = 0) -> None:
-    import av
-
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=10)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for i in range(frames):
-            image = np.full((size, size, 3), shade, dtype=np.uint8)
-            image[:, (2 * i) % size] = 255  # a bar moving right
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 def test_read_mp4_frame_folder_and_corrupt_file(tmp_path):

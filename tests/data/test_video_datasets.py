@@ -9,10 +9,9 @@ import logging
 import pytest
 import torch
 
-from helpers import TINY_RUN, fit
+from helpers import TINY_RUN, fit, write_mp4
 from ssl_kit.data import HMDB51DataModule, KineticsDataModule, UCF101DataModule
 from ssl_kit.data.samples import UnreadableFileError
-from test_video import write_mp4
 
 FAST = dict(frames_per_clip=4, frame_stride=2, frame_size=16, batch_size=2, num_workers=0)
 UCF_CLASSES = ("YoYo", "ApplyEyeMakeup", "Basketball")  # classInd order, not alphabetical

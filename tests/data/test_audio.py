@@ -9,17 +9,11 @@ import pytest
 import soundfile
 import torch
 
-from helpers import TINY_RUN, SHARED_DATA, against_random_init, fit
+from helpers import SHARED_DATA, TINY_RUN, against_random_init, fit, tone, write_audio_folder
 from ssl_kit.data import AudioFolderDataModule, FSDDDataModule, SyntheticAudioDataModule
 from ssl_kit.data.audio import read_audio
 from ssl_kit.data.samples import UnreadableFileError
 from ssl_kit.transforms.audio import AudioViews, LogMel, fit_length
-
-
-def tone(frequency: float, rate: int, seconds: float = 0.5, channels: int = 1) -> np.ndarray:
-    t = np.arange(int(rate * seconds)) / rate
-    wave = (0.5 * np.sin(2 * np.pi * frequency * t)).astype(np.float32)
-    return np.stack([wave] * channels, axis=1) if channels > 1 else wave
 
 
 def peak_frequency(waveform: torch.Tensor, rate: int) -> float:
@@ -89,23 +83,10 @@ def test_log_mel_views_shape_masks_and_standardisation():
     assert plain.mean().abs() < 1e-4 and (plain.std() - 1).abs() < 1e-3
 
 
-def write_folder(root, corrupt: bool = False):
-    rate = 16000
-    for split, takes in (("train", 6), ("test", 2)):
-        for label, (name, freq) in enumerate((("high", 1200.0), ("low", 200.0))):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for take in range(takes):
-                fmt = (".wav", ".flac", ".ogg")[take % 3]
-                soundfile.write(folder / f"{take}{fmt}", tone(freq * (1 + 0.02 * take), rate, seconds=0.3 + 0.2 * take), rate)
-    if corrupt:
-        (root / "train" / "high" / "broken.wav").write_bytes(b"garbage")
-
-
 def test_audio_folder_test_fraction_carves_the_test_split(tmp_path):
     import shutil
 
-    write_folder(tmp_path)
+    write_audio_folder(tmp_path)
     shutil.rmtree(tmp_path / "test")
     data = AudioFolderDataModule(str(tmp_path), num_workers=0, sample_rate=8000, clip_seconds=0.5, test_fraction=0.34, val_fraction=0.25)
     data.setup("fit")
@@ -119,7 +100,7 @@ def test_decoded_cache_decodes_each_file_once_and_again_when_it_changes(tmp_path
     memory-mapped (the same values), and decoded again once its file changes."""
     import ssl_kit.data.audio as audio
 
-    write_folder(tmp_path / "data")
+    write_audio_folder(tmp_path / "data")
     data = AudioFolderDataModule(str(tmp_path / "data"), num_workers=0, sample_rate=8000, clip_seconds=0.5, cache_dir=str(tmp_path / "cache"))
     data.setup("fit")
     files = data.splits.test
@@ -138,7 +119,7 @@ def test_decoded_cache_decodes_each_file_once_and_again_when_it_changes(tmp_path
 
 
 def test_audio_folder_loaders_with_formats_lengths_and_holdout(tmp_path):
-    write_folder(tmp_path)
+    write_audio_folder(tmp_path)
     data = AudioFolderDataModule(str(tmp_path), batch_size=4, num_workers=0, sample_rate=8000, clip_seconds=0.5, n_mels=32, n_fft=256, val_fraction=0.34)
     data.setup("fit")
     assert data.num_classes == 2 and data.classes == ["high", "low"] and data.image_size == (32, 51)
@@ -150,7 +131,7 @@ def test_audio_folder_loaders_with_formats_lengths_and_holdout(tmp_path):
 
 
 def test_audio_folder_corrupt_file_fails_with_its_name_or_is_skipped(tmp_path, caplog):
-    write_folder(tmp_path, corrupt=True)
+    write_audio_folder(tmp_path, corrupt=True)
     options = dict(batch_size=16, num_workers=0, sample_rate=8000, clip_seconds=0.5, n_mels=32, n_fft=256, val_fraction=0.2)
     data = AudioFolderDataModule(str(tmp_path), **options)
     with pytest.raises(UnreadableFileError, match="broken.wav.*skip_bad_files"):
@@ -207,7 +188,7 @@ def test_simclr_runs_on_spectrograms(tmp_path, backbone):
 
 @pytest.mark.slow
 def test_audiofolder_config_runs_on_a_folder_of_mixed_formats(tmp_path):
-    write_folder(tmp_path / "audio")
+    write_audio_folder(tmp_path / "audio")
     cli = fit("simclr_audiofolder.yaml", tmp_path / "run", "--trainer.max_epochs", "1", "--data.root", str(tmp_path / "audio"),
               "--data.batch_size", "4", "--data.val_fraction", "0.34", base=TINY_RUN)  # fmt: skip
     assert cli.trainer.global_step == 2 and cli.datamodule.num_classes == 2

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import SHARED_DATA
 from ssl_kit.data import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -26,7 +27,7 @@ from ssl_kit.data.samples import UnreadableFileError
 from ssl_kit.data.image import TEST_SPLIT_SEED, read_idx
 from ssl_kit.data.splits import stratified_split
 
-REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+REAL_MNIST = SHARED_DATA / "mnist"
 
 
 def pixels(item) -> np.ndarray:
