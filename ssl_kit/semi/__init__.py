@@ -1,5 +1,6 @@
-"""Semi-supervised learning: self-training methods (mean teacher, Noisy Student rounds) and the
-criteria that turn a labeled + unlabeled batch into a loss."""
+"""Semi-supervised learning: the mean-teacher self-training method, the criteria that turn a
+labeled + unlabeled batch into a loss, and Noisy Student's pseudo-label selection (its rounds run
+as ``python -m ssl_kit.noisy_student``)."""
 
 from ssl_kit.semi.criteria import CRITERIA, DoublyRobustCriterion, FixMatchCriterion
 from ssl_kit.semi.mean_teacher import MeanTeacher
