@@ -33,12 +33,13 @@ log = logging.getLogger("ssl_kit")
 MOVED_CLASSES = {"ssl_kit.methods.MeanTeacher": "ssl_kit.semi.MeanTeacher"}
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """A checkpoint's contents, unpickled with torch's weights-only loader: tensors, numbers,
     strings and plain containers, never arbitrary objects, so a crafted file cannot run code. A file
-    holding anything else is refused with its name."""
+    holding anything else is refused with its name. ``mmap`` maps the tensors instead of reading
+    them, for a look at the metadata only."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         raise ValueError(
             f"refusing to load {path}: it holds objects beyond tensors and plain containers, which only a "

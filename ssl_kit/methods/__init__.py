@@ -6,4 +6,3 @@ from ssl_kit.methods.msn import MSN
 from ssl_kit.methods.simclr import SimCLR
 
 __all__ = ["BackboneModule", "SSLMethod", "SimCLR", "BarlowTwins", "MoCoV3", "MAE", "MSN"]
-

@@ -74,7 +74,7 @@ class BackboneModule(L.LightningModule):
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
         """Lightning's loader, for checkpoints whose recorded class has moved since (``MOVED_CLASSES``) too."""
-        recorded = read_checkpoint(checkpoint_path).get("hyper_parameters", {}).get("_class_path")
+        recorded = read_checkpoint(checkpoint_path, mmap=True).get("hyper_parameters", {}).get("_class_path")
         if recorded in MOVED_CLASSES:
             kwargs.setdefault("_class_path", MOVED_CLASSES[recorded])
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
