@@ -35,7 +35,7 @@ from ssl_kit.evaluation import PROBE_LRS, PROBE_WEIGHT_DECAYS, extract, linear_p
 from ssl_kit.data.base import SSLDataModule
 from ssl_kit.data.datasets import Transformed
 from ssl_kit.data.image import DigitsDataModule, MNISTDataModule
-from ssl_kit.checkpoints import read_checkpoint
+from ssl_kit.checkpoints import read_checkpoint, saved_input_spec
 from ssl_kit.models import backbone_from_checkpoint
 from ssl_kit.models.backbones import build_from_spec
 from ssl_kit.optim import warmup_cosine
@@ -93,7 +93,7 @@ def main() -> None:
     state, spec = backbone_from_checkpoint(args.checkpoint)
     backbone = build_from_spec(spec)
     backbone.load_state_dict(state)
-    image_size = read_checkpoint(args.checkpoint)["hyper_parameters"]["image_size"]
+    image_size = saved_input_spec(read_checkpoint(args.checkpoint)["hyper_parameters"]).side
     common = {"image_size": image_size, "batch_size": args.batch_size, "num_workers": args.workers, "pin_memory": False}
     data = MNISTDataModule(args.mnist_root, download=False, **common) if args.mnist_root else DigitsDataModule(**common)
     data.setup()

@@ -45,7 +45,7 @@ def main() -> None:
     trained = MSN.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
     torch.manual_seed(0)
     random = MSN(**{k: v for k, v in trained.hparams.items() if not k.startswith("_")}).eval()
-    data = MNISTDataModule(root=args.root, image_size=trained.hparams.image_size, num_workers=0, batch_size=500, train_subset=5000, eval_subset=1000)
+    data = MNISTDataModule(root=args.root, image_size=trained.input_spec.side, num_workers=0, batch_size=500, train_subset=5000, eval_subset=1000)
     data.setup()
     lines = [f"# {args.checkpoint}: MNIST, bank 5,000 train digits, 1,000 test digits", ""]
     for name, network in (("random init", random.backbone), ("MSN online", trained.backbone), ("MSN target", trained.target_backbone)):

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_kit import methods
+from ssl_kit.inputs import InputSpec
 
 
 class FixedViews(Dataset):
@@ -83,7 +84,7 @@ def make_model(args, **options) -> methods.SSLMethod:
     """``args.method`` with SGD and no warmup; ``options``: further constructor arguments."""
     L.seed_everything(0, verbose=False)
     method = getattr(methods, args.method)
-    return method(backbone=args.backbone, image_size=args.image_size, num_classes=10, optimizer="sgd", warmup_epochs=0, **options)
+    return method(backbone=args.backbone, input_spec=InputSpec.image(args.image_size), num_classes=10, optimizer="sgd", warmup_epochs=0, **options)
 
 
 def trainer_options(args, device: torch.device) -> dict:

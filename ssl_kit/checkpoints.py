@@ -25,12 +25,39 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from ssl_kit.inputs import InputSpec
+
 log = logging.getLogger("ssl_kit")
 
 #: Where older checkpoints say a class lives -> where it lives now. LightningCLI records the import
 #: path of the model's class in the checkpoint, and Lightning refuses to load one whose recorded
 #: class is not an imported subclass of the one asked for.
 MOVED_CLASSES = {"ssl_kit.methods.MeanTeacher": "ssl_kit.semi.MeanTeacher"}
+
+
+def upgrade_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
+    """An older checkpoint's hyper-parameters as today's model takes them: its class's new path
+    (``MOVED_CLASSES``), and ``image_size`` (an int, ``(H, W)`` or ``(T, H, W)``, before the input
+    had a typed description) replaced by the ``input_spec`` it stands for."""
+    upgraded = dict(hparams)
+    if upgraded.get("_class_path") in MOVED_CLASSES:
+        upgraded["_class_path"] = MOVED_CLASSES[upgraded["_class_path"]]
+    if "image_size" in upgraded:
+        size = upgraded.pop("image_size")
+        channels = int((upgraded.get("backbone_kwargs") or {}).get("in_chans", 3))
+        if isinstance(size, int):
+            spec = InputSpec.image(size, channels=channels)
+        elif len(size) == 3:
+            spec = InputSpec.video(size[0], size[1], channels=channels)
+        else:  # (n_mels, frames) spectrograms were the 1-channel two-size inputs
+            spec = InputSpec("audio" if channels == 1 else "image", tuple(size), channels)
+        upgraded.setdefault("input_spec", spec.to_dict())
+    return upgraded
+
+
+def saved_input_spec(hparams: dict[str, Any]) -> InputSpec:
+    """The input a checkpoint's model was built for, whatever its age."""
+    return InputSpec.coerce(upgrade_hparams(hparams).get("input_spec"))
 
 
 def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:

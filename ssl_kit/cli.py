@@ -38,9 +38,9 @@ def warn_on_whole_epoch_limits(args: list[str]) -> None:
 
 class SSLCLI(LightningCLI):
     """``model`` and ``data`` are subclasses of ``BackboneModule`` (every pretraining and
-    self-training method) / ``SSLDataModule``; the data's
-    ``num_classes`` and ``image_size`` are linked into the model. Two checkpoint callbacks are
-    always present: ``last_checkpoint`` (``last.ckpt`` every epoch, for ``--ckpt_path last``) and
+    self-training method) / ``SSLDataModule``; the data's ``num_classes`` and ``input_spec`` (what
+    one sample looks like) are linked into the model. Two checkpoint callbacks are always present:
+    ``last_checkpoint`` (``last.ckpt`` every epoch, for ``--ckpt_path last``) and
     ``checkpoint`` (kept every ``every_n_epochs``), both in ``<default_root_dir>/checkpoints``,
     written atomically (``AtomicCheckpointIO``) with the random generators' state
     (``RandomStateCheckpoint``); ``--ckpt_path last`` resumes the newest readable one."""
@@ -62,7 +62,7 @@ class SSLCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
+        parser.link_arguments("data.input_spec", "model.init_args.input_spec", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {

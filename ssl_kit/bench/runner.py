@@ -140,7 +140,7 @@ class Cell:
             return cli.model, evaluated_network(cli.model), None
         data = cli.datamodule
         data.setup("fit")
-        module, transform, network = reference_pipeline(self.entry.reference or self.entry.method, cli.model.backbone, data.image_size)
+        module, transform, network = reference_pipeline(self.entry.reference or self.entry.method, cli.model.backbone, data.input_spec.side)
         return module, network, data.loader(Transformed(data.splits.pretrain, transform), shuffle=True, drop_last=True)
 
     def wanted(self) -> list[str]:

@@ -20,7 +20,8 @@ from ssl_kit.data.datasets import LabeledFiles, SkippedFiles, TensorSamples, cla
 from ssl_kit.data.samples import Samples, Source, UnreadableFileError, open_sample
 from ssl_kit.data.sources import ClassFolders
 from ssl_kit.data.download import download_and_extract, obtain
-from ssl_kit.transforms.audio import AudioEval, AudioViews, LogMel
+from ssl_kit.inputs import InputSpec, LogMelSettings
+from ssl_kit.transforms.audio import AudioEval, AudioViews
 from ssl_kit.transforms.base import ViewAugmentation
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".au")
@@ -61,10 +62,10 @@ class AudioFiles(LabeledFiles):
 
 
 class AudioDataModule(SSLDataModule):
-    """Base of the audio DataModules: the clip length and log-mel front end define the sample
-    "image" ``(n_mels, frames)`` (``image_size``, linked into the model). Clips shorter than
-    ``clip_seconds`` are zero-padded (at a random offset in training views, centred in
-    evaluation); longer ones are cropped (random / centre)."""
+    """Base of the audio DataModules: the clip length and log-mel front end (``LogMelSettings``)
+    define the input, a spectrogram ``(1, n_mels, frames)`` (``input_spec``, linked into the
+    model). Clips shorter than ``clip_seconds`` are zero-padded (at a random offset in training
+    views, centred in evaluation); longer ones are cropped (random / centre)."""
 
     default_sample_rate = 16000
     mean = None  # no pixel normalisation: the front end standardises each spectrogram
@@ -84,23 +85,25 @@ class AudioDataModule(SSLDataModule):
         views: ViewAugmentation | None = None,
         **kwargs,
     ) -> None:
+        if kwargs.get("image_size") is not None:
+            raise ValueError("--data.image_size is for images: a spectrogram's size follows --data.n_mels and --data.clip_seconds")
         self.sample_rate = sample_rate or self.default_sample_rate
         self.clip_samples = int(round(clip_seconds * self.sample_rate))
-        self.frontend = LogMel(self.sample_rate, n_fft, hop_length, n_mels, f_min, f_max)
-        image_size = (n_mels, self.frontend.frames(self.clip_samples))
-        super().__init__(root, *args, image_size=image_size, views=views if views is not None else AudioViews(), **kwargs)
+        self.front_end = LogMelSettings(self.sample_rate, self.clip_samples, n_fft, hop_length, n_mels, f_min, f_max)
+        super().__init__(root, *args, views=views if views is not None else AudioViews(), **kwargs)
+
+    def describe_input(self) -> InputSpec:
+        return InputSpec.audio(self.front_end)
 
     def configure_views(self) -> None:
-        parts = self.views.parts
-        wrong = [type(part).__name__ for part in parts if not isinstance(part, AudioViews)]
+        wrong = [type(part).__name__ for part in self.views.parts if not isinstance(part, AudioViews)]
         if wrong:
             raise TypeError(f"{type(self).__name__} needs AudioViews (or PairedViews of two), got {', '.join(wrong)}")
-        for part in parts:
-            part.configure_audio(self.frontend, self.clip_samples)
+        super().configure_views()
 
     @property
     def eval_transform(self) -> AudioEval:
-        return AudioEval(self.frontend, self.clip_samples)
+        return AudioEval(self.front_end)
 
     def files(self, samples: Samples) -> AudioFiles:
         return AudioFiles(samples, self.sample_rate, self.skipped_files, self.decoded_cache)

@@ -18,6 +18,7 @@ from ssl_kit.data.datasets import FileImages, RefillingCollate, SkippedFiles, Tr
 from ssl_kit.data.samples import Samples
 from ssl_kit.data.semi_supervised import FewLabelSplit, PseudoLabeledPool, SemiSupervisedBatch
 from ssl_kit.data.splits import TEST_CARVE_SEED, stratified_split, subsample
+from ssl_kit.inputs import InputSpec
 from ssl_kit.transforms import ImageViews, ViewAugmentation, eval_transform
 
 
@@ -35,9 +36,12 @@ class SSLDataModule(L.LightningDataModule):
     """Serves the pretraining loader (a list of views per sample) and labeled evaluation loaders.
 
     Subclasses set ``num_classes``, ``mean``, ``std`` and ``default_image_size`` and implement
-    ``load_splits``. ``val_fraction`` (None: the dataset's default) is held out of the training set
-    where the dataset has no official validation split. The validation loaders are ``[kNN bank, val]``: a seeded subset of the
-    labeled training set (un-augmented) and the validation set. Batches are ``(inputs, labels)``.
+    ``load_splits``; ``input_spec`` (``describe_input``: images of side ``image_size`` here, clips
+    and spectrograms in the video and audio bases) is what the views and the model are built for.
+    ``val_fraction`` (None: the dataset's default) is held out of the training set where the dataset
+    has no official validation split. The validation loaders are ``[kNN bank, val]``: a seeded
+    subset of the labeled training set (un-augmented) and the validation set. Batches are
+    ``(inputs, labels)``.
 
     Semi-supervised mode (``labels_per_class`` or ``label_fraction``): a class-balanced, seeded
     few-label split of the training set (``few_label``, a ``FewLabelSplit``, written to
@@ -72,7 +76,7 @@ class SSLDataModule(L.LightningDataModule):
         root: str | None = None,
         batch_size: int = 256,
         num_workers: int = 4,
-        image_size: int | tuple[int, int] | tuple[int, int, int] | None = None,
+        image_size: int | tuple[int, int] | None = None,
         views: ViewAugmentation | None = None,
         val_fraction: float | None = None,
         seed: int = 0,
@@ -94,6 +98,7 @@ class SSLDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.image_size = image_size or self.default_image_size
+        self.input_spec = self.describe_input()
         self.views = views if views is not None else ImageViews()
         self.configure_views()
         self.val_fraction = self.default_val_fraction if val_fraction is None else val_fraction
@@ -121,9 +126,13 @@ class SSLDataModule(L.LightningDataModule):
     def semi_supervised(self) -> bool:
         return self.labels_per_class is not None or self.label_fraction is not None
 
+    def describe_input(self) -> InputSpec:
+        """What one sample is to the model: here an image of side (or ``(height, width)``) ``image_size``."""
+        return InputSpec.image(self.image_size, self.mean, self.std)
+
     def configure_views(self) -> None:
-        """Gives the views the data's geometry and normalisation (image views; audio overrides)."""
-        self.views.configure(self.image_size, self.mean, self.std)
+        """Gives the views the description of the input."""
+        self.views.configure(self.input_spec)
 
     def load_splits(self) -> Splits:
         """Reads the dataset and returns its raw splits."""
@@ -208,7 +217,7 @@ class SSLDataModule(L.LightningDataModule):
     # -- loaders ---------------------------------------------------------------------------
     @property
     def eval_transform(self):
-        return eval_transform(self.image_size, self.mean, self.std, self.center_crop_ratio)
+        return eval_transform(self.input_spec.side, self.mean, self.std, self.center_crop_ratio)
 
     def loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False, batch_size: int | None = None) -> DataLoader:
         """A DataLoader of ``dataset`` with this DataModule's batch size, workers, pinning and bad-file collation."""

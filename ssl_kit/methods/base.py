@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from ssl_kit.checkpoints import MOVED_CLASSES, read_checkpoint, resume_checkpoint
+from ssl_kit.checkpoints import read_checkpoint, resume_checkpoint, upgrade_hparams
 from ssl_kit.evaluation.knn import knn_predict
+from ssl_kit.inputs import InputSpec
 from ssl_kit.models.backbones import backbone_spec, build_from_spec
 from ssl_kit.optim import OptimizerName, TrainingBudget, build_optimizer, decay_groups, warmup_cosine_config
 
@@ -27,7 +29,8 @@ class BackboneModule(L.LightningModule):
     without weight decay on biases and norms, SGD / LARS / AdamW, linear warmup + cosine stepped
     per optimizer step, and a guard that stops on a non-finite loss before the optimizer step.
 
-    ``image_size`` and ``num_classes`` are linked from the DataModule by the CLI.
+    ``input_spec`` (what one sample looks like: ``ssl_kit.inputs.InputSpec``) and ``num_classes``
+    are linked from the DataModule by the CLI.
 
     Speed options (off by default: each helps only on some hardware; README "Speed" has the
     measurements), applied when fitting starts so checkpoints stay plain:
@@ -48,7 +51,7 @@ class BackboneModule(L.LightningModule):
     def __init__(
         self,
         backbone: str = "resnet18",
-        image_size: int | tuple[int, int] | tuple[int, int, int] = 224,
+        input_spec: InputSpec | None = None,
         num_classes: int = 10,
         small_image: bool | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
@@ -65,18 +68,26 @@ class BackboneModule(L.LightningModule):
         fused_optimizer: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.backbone_spec = backbone_spec(backbone, image_size, small_image, backbone_kwargs, self.zero_init_last)
+        self.save_hyperparameters(ignore=["input_spec"])
+        self.input_spec = InputSpec.coerce(input_spec)
+        self.hparams["input_spec"] = self.input_spec.to_dict()  # plain types: weights-only loading reads it
+        self.backbone_spec = backbone_spec(backbone, self.input_spec, small_image, backbone_kwargs, self.zero_init_last)
         self.backbone = build_from_spec(self.backbone_spec)
         self.feature_dim: int = self.backbone.num_features
         self._budget: TrainingBudget | None = None
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
-        """Lightning's loader, for checkpoints whose recorded class has moved since (``MOVED_CLASSES``) too."""
-        recorded = read_checkpoint(checkpoint_path, mmap=True).get("hyper_parameters", {}).get("_class_path")
-        if recorded in MOVED_CLASSES:
-            kwargs.setdefault("_class_path", MOVED_CLASSES[recorded])
+        """Lightning's loader, for checkpoints written before a change of their class's path
+        (``MOVED_CLASSES``) or of its arguments (``upgrade_hparams``) too."""
+        checkpoint = read_checkpoint(checkpoint_path, mmap=True)
+        hparams = checkpoint.get("hyper_parameters", {})
+        upgraded = upgrade_hparams(hparams)
+        if upgraded != hparams:  # Lightning builds the model from the file's hparams: hand it upgraded ones
+            checkpoint["hyper_parameters"] = upgraded
+            checkpoint_path = io.BytesIO()
+            torch.save(checkpoint, checkpoint_path)
+            checkpoint_path.seek(0)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def forward(self, images: Tensor) -> Tensor:

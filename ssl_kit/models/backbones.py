@@ -12,13 +12,15 @@ import ssl_kit.models.resnet  # noqa: F401 - registers the narrow ResNets with t
 import ssl_kit.models.video  # noqa: F401 - registers the video ViTs with timm
 from torch import nn
 
+from ssl_kit.inputs import InputSpec
+
 #: Images at or below this side use the small-image variant (CIFAR stem / small ViT patches).
 SMALL_IMAGE_MAX = 64
 
 
-def small_patch_size(image_size: int) -> int:
+def small_patch_size(side: int) -> int:
     """ViT patch side for small images: 4 px at 32 px (8x8 tokens), 8 px at 64 px."""
-    return 4 if image_size <= 32 else 8
+    return 4 if side <= 32 else 8
 
 
 @dataclass(frozen=True)
@@ -41,37 +43,39 @@ class BackboneSpec:
 
 def backbone_spec(
     name: str,
-    image_size: int | tuple[int, ...],
+    input_spec: InputSpec,
     small_image: bool | None = None,
     extra_kwargs: dict[str, Any] | None = None,
     zero_init_last: bool = False,
 ) -> BackboneSpec:
-    """The ``BackboneSpec`` of ``name`` for inputs of ``image_size``: timm's kwargs, plus the stem change.
+    """The ``BackboneSpec`` of ``name`` for ``input_spec``: timm's kwargs, plus the stem change.
 
-    ``image_size`` is a side, ``(height, width)`` (spectrograms: mel bins x frames) or, for the
-    ``video_vit_*`` models, ``(frames, height, width)``.
+    ViTs get the input's grid (``img_size``; video: ``num_frames`` too) and, for small inputs
+    (side <= 64 unless ``small_image`` says otherwise), small patches; ResNets the CIFAR stem
+    instead; inputs of other than 3 channels (spectrograms) set ``in_chans``.
     ``extra_kwargs`` go to ``timm.create_model`` and win over the defaults chosen here (e.g.
-    ``drop_rate``, ``drop_path_rate``, ``in_chans: 1`` for spectrograms, ``patch_size``).
+    ``drop_rate``, ``drop_path_rate``, ``patch_size``).
 
     ``zero_init_last`` (ResNets): timm's zero init of each block's last BatchNorm, which leaves a
     random ResNet passing only its shortcuts. Off by default, as in torchvision's ResNets (which
     lightly and solo-learn train): a better start for self-supervised learning (MNIST, 78 SimCLR
     steps: linear probe 0.963 vs 0.945) and no strawman random-init baseline. Supervised training
     from few labels wants it on (``MeanTeacher``)."""
-    if name.startswith("video_vit"):  # image_size is (frames, height, width)
-        frames, height, _ = image_size
-        kwargs = {"num_classes": 0, "img_size": height, "num_frames": frames}
-        if height <= SMALL_IMAGE_MAX if small_image is None else small_image:
-            kwargs["patch_size"] = small_patch_size(height)
-        return BackboneSpec(name, {**kwargs, **(extra_kwargs or {})})
-    side = max(image_size) if isinstance(image_size, (tuple, list)) else image_size
-    small = side <= SMALL_IMAGE_MAX if small_image is None else small_image
+    small = input_spec.side <= SMALL_IMAGE_MAX if small_image is None else small_image
     kwargs: dict[str, Any] = {"num_classes": 0}
+    if input_spec.channels != 3:
+        kwargs["in_chans"] = input_spec.channels
     cifar_stem = False
-    if name.startswith(("vit", "deit")):
-        kwargs["img_size"] = tuple(image_size) if isinstance(image_size, (tuple, list)) else image_size
+    if input_spec.modality == "video":
+        if not name.startswith("video_vit"):
+            raise ValueError(f"video input needs a video backbone (video_vit_tiny, video_vit_small, ...), got {name}")
+        kwargs.update(img_size=input_spec.height, num_frames=input_spec.frames)
         if small:
-            kwargs["patch_size"] = small_patch_size(side)
+            kwargs["patch_size"] = small_patch_size(input_spec.height)
+    elif name.startswith(("vit", "deit")):
+        kwargs["img_size"] = input_spec.side if input_spec.height == input_spec.width else (input_spec.height, input_spec.width)
+        if small:
+            kwargs["patch_size"] = small_patch_size(input_spec.side)
     elif name.startswith(("resnet", "resnext", "wide_resnet")):
         cifar_stem = small
         kwargs["zero_init_last"] = zero_init_last
@@ -90,10 +94,10 @@ def build_from_spec(spec: BackboneSpec, pretrained: bool = False) -> nn.Module:
     return model
 
 
-def create_backbone(name: str, image_size: int, small_image: bool | None = None) -> nn.Module:
+def create_backbone(name: str, input_spec: InputSpec, small_image: bool | None = None) -> nn.Module:
     """A timm model returning pooled features; ``model.num_features`` is the feature dimension.
 
-    ``small_image`` (default: image side <= 64) swaps ResNets to the CIFAR stem and gives ViTs
+    ``small_image`` (default: side <= 64) swaps ResNets to the CIFAR stem and gives ViTs
     4 px (32 px images) or 8 px patches.
     """
-    return build_from_spec(backbone_spec(name, image_size, small_image))
+    return build_from_spec(backbone_spec(name, input_spec, small_image))

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ssl_kit.checkpoints import read_checkpoint
+from ssl_kit.checkpoints import read_checkpoint, saved_input_spec
 from ssl_kit.models.backbones import BackboneSpec, backbone_spec, build_from_spec
 
 
@@ -23,7 +23,7 @@ def backbone_from_checkpoint(ckpt_path: str | Path) -> tuple[dict[str, torch.Ten
     # Self-training checkpoints deliver their EMA teacher; pretraining ones their backbone.
     prefix = "teacher_backbone." if any(k.startswith("teacher_backbone.") for k in checkpoint["state_dict"]) else "backbone."
     state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    spec = backbone_spec(hparams["backbone"], hparams["image_size"], hparams.get("small_image"), hparams.get("backbone_kwargs"))
+    spec = backbone_spec(hparams["backbone"], saved_input_spec(hparams), hparams.get("small_image"), hparams.get("backbone_kwargs"))
     return state, spec
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import torchaudio
 from torch import Tensor, nn
 
+from ssl_kit.inputs import LogMelSettings
 from ssl_kit.transforms.base import ViewAugmentation
 
 
@@ -20,19 +21,13 @@ class LogMel(nn.Module):
     """``log(mel power spectrogram + eps)`` of a mono waveform, standardised per clip (zero mean,
     unit variance over the whole spectrogram), so no dataset statistics are needed."""
 
-    def __init__(self, sample_rate: int, n_fft: int = 1024, hop_length: int | None = None, n_mels: int = 64,
-                 f_min: float = 60.0, f_max: float | None = None) -> None:  # fmt: skip
+    def __init__(self, settings: LogMelSettings) -> None:
         super().__init__()
-        self.sample_rate = sample_rate
-        self.hop_length = hop_length or sample_rate // 100  # 10 ms
-        self.n_mels = n_mels
+        self.settings = settings
         self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate, n_fft=n_fft, hop_length=self.hop_length, n_mels=n_mels,
-            f_min=f_min, f_max=f_max or sample_rate / 2, power=2.0,
+            settings.sample_rate, n_fft=settings.n_fft, hop_length=settings.hop_length, n_mels=settings.n_mels,
+            f_min=settings.f_min, f_max=settings.f_max, power=2.0,
         )  # fmt: skip
-
-    def frames(self, samples: int) -> int:
-        return samples // self.hop_length + 1
 
     def forward(self, waveform: Tensor) -> Tensor:
         spectrogram = torch.log(self.mel(waveform) + 1e-6).unsqueeze(-3)  # (..., 1, n_mels, frames)
@@ -54,9 +49,9 @@ def fit_length(waveform: Tensor, samples: int, offset: Literal["random", "center
 class AudioEval:
     """Evaluation transform: the central ``clip_samples`` (zero-padded when shorter), log-mel."""
 
-    def __init__(self, frontend: LogMel, clip_samples: int) -> None:
-        self.frontend = frontend
-        self.clip_samples = clip_samples
+    def __init__(self, settings: LogMelSettings) -> None:
+        self.frontend = LogMel(settings)
+        self.clip_samples = settings.clip_samples
 
     def __call__(self, waveform: Tensor) -> Tensor:
         with torch.no_grad():
@@ -99,13 +94,13 @@ class AudioViews(ViewAugmentation):
         self.freq_masks, self.freq_mask = freq_masks, freq_mask
         self.memory: deque[Tensor] = deque(maxlen=mixup_memory)
 
-    def configure_audio(self, frontend: LogMel, clip_samples: int) -> None:
-        self.frontend = frontend
-        self.clip_samples = clip_samples
-        self.build()
-
     def build(self) -> None:
-        """Nothing to precompute: the front end is given by ``configure_audio``."""
+        """The input's front end (``LogMelSettings``) and clip length."""
+        settings = self.input_spec.front_end
+        if settings is None:
+            raise ValueError(f"{type(self).__name__} needs an audio input with a log-mel front end, got a {self.input_spec.modality} input")
+        self.frontend = LogMel(settings)
+        self.clip_samples = settings.clip_samples
 
     # -- waveform ----------------------------------------------------------------------------
     def waveform_view(self, waveform: Tensor) -> Tensor:

@@ -12,24 +12,25 @@ replace per-sample CPU transforms without touching methods or DataModules:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from typing import Any
 
 from torch import Tensor
+
+from ssl_kit.inputs import InputSpec
 
 
 class ViewAugmentation(ABC):
     """Makes the training views of one sample; configured by the DataModule."""
 
-    def configure(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
-        """Receives the dataset's geometry and normalisation before first use."""
-        self.image_size = image_size
-        self.mean = tuple(mean)
-        self.std = tuple(std)
+    def configure(self, input_spec: InputSpec) -> None:
+        """Receives the description of the input (geometry, normalisation, front end) before first use."""
+        self.input_spec = input_spec
+        self.mean, self.std = input_spec.mean, input_spec.std
         self.build()
 
     @abstractmethod
     def build(self) -> None:
-        """Builds the pipelines once ``image_size``, ``mean`` and ``std`` are known."""
+        """Builds the pipelines once ``input_spec`` is known."""
 
     @abstractmethod
     def __call__(self, sample: Any) -> list[Tensor]:
@@ -61,9 +62,9 @@ class PairedViews(ViewAugmentation):
     def parts(self) -> tuple[ViewAugmentation, ViewAugmentation]:
         return self.weak, self.strong
 
-    def configure(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+    def configure(self, input_spec: InputSpec) -> None:
         for part in self.parts:
-            part.configure(image_size, mean, std)
+            part.configure(input_spec)
 
     def build(self) -> None:
         """Nothing of its own: each part is built when configured."""

@@ -11,7 +11,7 @@ erased rectangle, as torchvision's v2 transforms give a ``Video``.
 
 Differences from the per-sample pipelines, all by design:
 
-* crops are taken from the decoded square of side ``S = decode_size`` (default ``image_size``):
+* crops are taken from the decoded square of side ``S = decode_size`` (default the input's side):
   the shorter side resized to ``S`` (images: bicubic, as ``ImageViews``; clips: antialiased
   bilinear, as ``VideoViews``), then centre-cropped, so crop aspect ratios keep their meaning but a
   non-square frame loses its long-side borders, and clips of different sizes batch;
@@ -193,7 +193,7 @@ def augment(images: Tensor, spec: ViewSpec, params: ViewParams, mean: Sequence[f
 
 class BatchedImageViews(ImageViews):
     """``ImageViews`` computed per batch on the training device (see the module doc); a config
-    switches with ``class_path: BatchedImageViews``. ``decode_size`` (default ``image_size``) is the
+    switches with ``class_path: BatchedImageViews``. ``decode_size`` (default the input's side) is the
     side of the decoded image crops are taken from: larger keeps more detail in small crops at the
     cost of transfer and memory."""
 
@@ -204,7 +204,7 @@ class BatchedImageViews(ImageViews):
     def build(self) -> None:
         super().build()
         self.specs = [ViewSpec.of(pipeline) for pipeline in self.pipelines]
-        self.side = self.decode_size or self.image_size
+        self.side = self.decode_size or self.input_spec.side
         self.decode = T.Compose(
             [T.Resize(self.side, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(self.side), T.PILToTensor()]
         )

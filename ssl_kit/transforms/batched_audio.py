@@ -47,7 +47,8 @@ class BatchedAudioViews(AudioViews):
     switches with ``class_path: BatchedAudioViews``, alone or as a part of ``PairedViews``."""
 
     def build(self) -> None:
-        self.shape = (self.frontend.n_mels, self.frontend.frames(self.clip_samples))
+        super().build()
+        self.shape = self.input_spec.shape
         self.past = torch.empty(0, 1, *self.shape)  # the mixing memory, moved to the device on first use
         self.frontends: dict[torch.device, LogMel] = {}
 

@@ -85,9 +85,9 @@ class ImageViews(ViewAugmentation):
         blur = _per_view(self.blur_prob, self.num_views)
         solarize = _per_view(self.solarize_prob, self.num_views)
         self.pipelines = [
-            self._pipeline(self.image_size, self.crop_scale, blur[i], solarize[i]) for i in range(self.num_views)
+            self._pipeline(self.input_spec.side, self.crop_scale, blur[i], solarize[i]) for i in range(self.num_views)
         ]
-        local_size = self.local_size or max(8, round(self.image_size * 96 / 224))
+        local_size = self.local_size or max(8, round(self.input_spec.side * 96 / 224))
         self.pipelines += [
             self._pipeline(local_size, self.local_crop_scale, blur[-1], 0.0) for _ in range(self.local_views)
         ]
@@ -159,7 +159,7 @@ class WeakStrongViews(ViewAugmentation):
         self.cutout = cutout
 
     def build(self) -> None:
-        size = self.image_size
+        size = self.input_spec.side
         weak = [
             T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
             T.CenterCrop(size),

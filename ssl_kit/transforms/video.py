@@ -62,7 +62,7 @@ class VideoViews(ViewAugmentation):
         self.erase_scale = tuple(erase_scale)
 
     def build(self) -> None:
-        size = self.image_size[-1] if isinstance(self.image_size, (tuple, list)) else self.image_size
+        size = self.input_spec.height
         self.pipeline = v2.Compose(
             [
                 v2.RandomResizedCrop(size, scale=self.crop_scale, antialias=True),

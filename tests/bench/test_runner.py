@@ -156,10 +156,11 @@ DDP_EXTRACT = textwrap.dedent(
     import os, sys, torch
     from ssl_kit.evaluation import extract_splits
     from ssl_kit.data import DigitsDataModule
+    from ssl_kit.inputs import InputSpec
     from ssl_kit.models.backbones import create_backbone
 
     torch.manual_seed(0)
-    backbone = create_backbone("resnet18", 8)
+    backbone = create_backbone("resnet18", InputSpec.image(8))
     data = DigitsDataModule(image_size=8, batch_size=16, num_workers=0)
     data.setup()
     devices = int(sys.argv[2])

@@ -13,6 +13,7 @@ from helpers import SHARED_DATA, TINY_RUN, against_random_init, fit, tone, write
 from ssl_kit.data import AudioFolderDataModule, FSDDDataModule, SyntheticAudioDataModule
 from ssl_kit.data.audio import read_audio
 from ssl_kit.data.samples import UnreadableFileError
+from ssl_kit.inputs import InputSpec, LogMelSettings
 from ssl_kit.transforms.audio import AudioViews, LogMel, fit_length
 
 
@@ -72,12 +73,13 @@ def test_short_clips_are_padded_and_long_ones_cropped():
 
 
 def test_log_mel_views_shape_masks_and_standardisation():
-    frontend = LogMel(8000, n_fft=256, n_mels=32)
+    settings = LogMelSettings(8000, 8000, n_fft=256, n_mels=32)
     views = AudioViews(num_views=2, time_masks=1, time_mask=0.3, freq_masks=0, noise_prob=0.0, mixup_alpha=0.0)
-    views.configure_audio(frontend, 8000)
+    views.configure(InputSpec.audio(settings))
+    frontend = LogMel(settings)
     wave = torch.from_numpy(tone(300, 8000, seconds=0.6))
     out = views(wave)
-    assert len(out) == 2 and all(v.shape == (1, 32, frontend.frames(8000)) for v in out)
+    assert len(out) == 2 and all(v.shape == (1, 32, settings.frames) for v in out)
     assert not torch.equal(out[0], out[1])
     plain = frontend(fit_length(wave, 8000))
     assert plain.mean().abs() < 1e-4 and (plain.std() - 1).abs() < 1e-3
@@ -122,7 +124,7 @@ def test_audio_folder_loaders_with_formats_lengths_and_holdout(tmp_path):
     write_audio_folder(tmp_path)
     data = AudioFolderDataModule(str(tmp_path), batch_size=4, num_workers=0, sample_rate=8000, clip_seconds=0.5, n_mels=32, n_fft=256, val_fraction=0.34)
     data.setup("fit")
-    assert data.num_classes == 2 and data.classes == ["high", "low"] and data.image_size == (32, 51)
+    assert data.num_classes == 2 and data.classes == ["high", "low"] and data.input_spec.shape == (32, 51)
     assert len(data.splits.train) == 8 and len(data.splits.val) == 4 and len(data.splits.test) == 4
     views, labels = next(iter(data.train_dataloader()))
     assert [v.shape for v in views] == [(4, 1, 32, 51)] * 2 and labels.shape == (4,)
@@ -183,7 +185,7 @@ def test_fsdd_missing_root_says_where(tmp_path):
 def test_simclr_runs_on_spectrograms(tmp_path, backbone):
     cli = fit("simclr_synthetic_audio.yaml", tmp_path, "--trainer.max_epochs", "1", "--data.batch_size", "32", *backbone, base=TINY_RUN)
     assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
-    assert cli.model.hparams.image_size == (64, 101)
+    assert cli.model.input_spec.shape == (64, 101) and cli.model.backbone_spec.kwargs["in_chans"] == 1
 
 
 @pytest.mark.slow
@@ -224,7 +226,7 @@ def test_speech_commands_official_lists(tmp_path):
     data.setup("fit")
     assert (len(data.splits.train), len(data.splits.val), len(data.splits.test)) == (35 * 3 - 10 - 35, 10, 35)
     assert all("s2_" in path for path, _ in data.splits.test.samples)
-    assert data.image_size == (64, 101) and next(iter(data.test_dataloader()))[0].shape == (5, 1, 64, 101)
+    assert data.input_spec.shape == (64, 101) and next(iter(data.test_dataloader()))[0].shape == (5, 1, 64, 101)
     (tmp_path / "testing_list.txt").unlink()
     with pytest.raises(FileNotFoundError, match="testing_list.txt"):
         SpeechCommandsDataModule(str(tmp_path), download=False).setup("fit")

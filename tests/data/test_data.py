@@ -169,7 +169,7 @@ def test_cifar10_pixels_labels_splits_and_loaders(tmp_path):
     dm = CIFAR10DataModule(root=str(tmp_path), val_fraction=0.2, batch_size=10, num_workers=0, download=False)
     dm.setup()
     s = dm.splits
-    assert dm.num_classes == 10 and dm.image_size == 32
+    assert dm.num_classes == 10 and dm.input_spec.shape == (32, 32)
     assert (len(s.train), len(s.val), len(s.test)) == (80, 20, 10)
     assert np.bincount(labels_of(s.val), minlength=10).tolist() == [2] * 10
     raw = s.train.base
@@ -274,7 +274,7 @@ def test_mnist_idx_round_trip(tmp_path, gz, layout):
     dm = MNISTDataModule(root=str(tmp_path), val_fraction=0.2, num_workers=0, download=False)
     dm.setup()
     s = dm.splits
-    assert dm.num_classes == 10 and dm.image_size == 28
+    assert dm.num_classes == 10 and dm.input_spec.shape == (28, 28)
     assert (len(s.train), len(s.val), len(s.test)) == (40, 10, 10)
     assert s.pretrain is s.train
     assert sorted(labels_of(s.val).tolist()) == list(range(10))

@@ -12,6 +12,7 @@ from helpers import TINY_RUN, against_random_init, fit, write_mp4
 from ssl_kit.data import MovingDigitsDataModule, VideoFolderDataModule
 from ssl_kit.data.samples import UnreadableFileError
 from ssl_kit.data.video import clip_indices, read_video
+from ssl_kit.inputs import InputSpec
 from ssl_kit.models.masking import tube_token_mask
 from ssl_kit.transforms.video import VideoViews
 
@@ -44,7 +45,7 @@ def test_clip_sampling_and_the_short_clip_rule():
 
 def test_video_views_are_consistent_across_frames():
     views = VideoViews(num_views=2, jitter_prob=1.0, grayscale_prob=0.0, crop_scale=(0.3, 0.6))
-    views.configure((4, 16, 16), (0.5,) * 3, (0.5,) * 3)
+    views.configure(InputSpec.video(4, 16, (0.5,) * 3, (0.5,) * 3))
     frame = torch.randint(0, 255, (3, 24, 24), dtype=torch.uint8)
     clip = frame.unsqueeze(0).repeat(4, 1, 1, 1)  # four identical frames
     first, second = views(clip)
@@ -85,7 +86,7 @@ def test_video_folder_loaders(tmp_path):
                 write_mp4(tmp_path / split / cls / f"{i}.mp4", frames=10, shade=0 if cls == "a" else 90)
     data = VideoFolderDataModule(str(tmp_path), frames_per_clip=4, frame_stride=2, frame_size=16, batch_size=2, num_workers=0, val_fraction=0.34)
     data.setup("fit")
-    assert data.classes == ["a", "b"] and data.image_size == (4, 16, 16)
+    assert data.classes == ["a", "b"] and data.input_spec.shape == (4, 16, 16)
     views, labels = next(iter(data.train_dataloader()))
     assert [v.shape for v in views] == [(2, 3, 4, 16, 16)] * 2
     clips, _ = next(iter(data.test_dataloader()))
@@ -107,7 +108,7 @@ def test_video_folder_test_fraction_carves_the_test_split(tmp_path):
 def test_simclr_runs_on_clips_with_a_video_vit(tmp_path):
     cli = fit("simclr_moving_digits.yaml", tmp_path, "--trainer.max_epochs", "1", "--data.batch_size", "8", base=TINY_RUN)
     assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
-    assert cli.model.hparams.image_size == (8, 32, 32) and cli.model.backbone.grid == (4, 4, 4)
+    assert cli.model.input_spec.shape == (8, 32, 32) and cli.model.backbone.grid == (4, 4, 4)
 
 
 @pytest.mark.slow

@@ -176,4 +176,4 @@ def test_ucf101_config_pretrains_on_the_fixture(tmp_path):
         "--model.backbone_kwargs", '{"depth": 1, "patch_size": 8}', base=TINY_RUN,
     )  # fmt: skip
     assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
-    assert cli.model.hparams.num_classes == 3 and cli.model.hparams.image_size == (4, 32, 32)
+    assert cli.model.hparams.num_classes == 3 and cli.model.input_spec.shape == (4, 32, 32)

@@ -14,6 +14,7 @@ from torch import nn
 from ssl_kit import evaluation as P
 from ssl_kit.evaluation import FeatureSet
 from ssl_kit.data.splits import few_label_split
+from ssl_kit.inputs import InputSpec
 from ssl_kit.models.backbones import backbone_spec, build_from_spec
 
 
@@ -124,7 +125,7 @@ def test_few_label_probe_trains_on_the_self_training_split(monkeypatch):
 
 
 def tiny_vit(depth: int, image_size: int = 8) -> nn.Module:
-    return build_from_spec(backbone_spec("vit_tiny_patch16_224", image_size, extra_kwargs={"depth": depth, "embed_dim": 64, "num_heads": 2}))
+    return build_from_spec(backbone_spec("vit_tiny_patch16_224", InputSpec.image(image_size), extra_kwargs={"depth": depth, "embed_dim": 64, "num_heads": 2}))
 
 
 def group_lr(groups: list[dict], param: torch.Tensor) -> float:
@@ -143,12 +144,12 @@ def test_layer_decay_lrs_for_vit_video_vit_and_resnet():
     assert sum(len(g["params"]) for g in groups) == len(list(vit.parameters())) + 2
     assert all(g["weight_decay"] == (0.05 if g["params"][0].ndim > 1 else 0.0) for g in groups)
 
-    video = build_from_spec(backbone_spec("video_vit_tiny", (4, 16, 16), extra_kwargs={"depth": 2}))
+    video = build_from_spec(backbone_spec("video_vit_tiny", InputSpec.video(4, 16), extra_kwargs={"depth": 2}))
     groups = P.fine_tune_param_groups(video, head, lr=1.0, weight_decay=0.05, layer_decay=0.5)
     for param, lr in [(video.patch_embed.weight, 0.125), (video.pos_embed, 0.125), (video.blocks[1].norm1.weight, 0.5), (video.norm.bias, 1.0)]:
         assert group_lr(groups, param) == pytest.approx(lr)
 
-    resnet = build_from_spec(backbone_spec("resnet18", 8))  # stem 0, layer1-4 1-4, head 5
+    resnet = build_from_spec(backbone_spec("resnet18", InputSpec.image(8)))  # stem 0, layer1-4 1-4, head 5
     groups = P.fine_tune_param_groups(resnet, head, lr=1.0, weight_decay=0.05, layer_decay=0.5)
     for param, lr in [(resnet.conv1.weight, 0.5**5), (resnet.bn1.bias, 0.5**5), (resnet.layer1[0].conv1.weight, 0.5**4),
                       (resnet.layer4[1].bn2.weight, 0.5), (head.bias, 1.0)]:  # fmt: skip

@@ -30,6 +30,8 @@ from torch import Tensor, nn
 
 from ddp import TwoViewLinear, gloo_group, seeded_two_view_linear, spawn_ranks
 
+from ssl_kit.inputs import InputSpec
+
 pytestmark = pytest.mark.slow  # spawned process groups: seconds each
 
 WORLD_SIZE = 2
@@ -59,7 +61,7 @@ def make_criterion(name: str) -> nn.Module:
     if name == "ntxent":
         from ssl_kit.methods import SimCLR
 
-        return SimCLR(backbone="resnet18", image_size=8, temperature=0.3, projection_hidden_dim=8, projection_dim=4).criterion
+        return SimCLR(backbone="resnet18", input_spec=InputSpec.image(8), temperature=0.3, projection_hidden_dim=8, projection_dim=4).criterion
     if name == "barlow":
         from ssl_kit.losses import BarlowTwinsLoss
 

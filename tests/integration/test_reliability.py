@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ssl_kit.checkpoints import read_checkpoint
+from ssl_kit.inputs import InputSpec
 from ssl_kit.models import backbone_from_checkpoint
 
 
@@ -46,7 +47,7 @@ def test_a_crafted_checkpoint_in_init_from_and_in_a_suite_entry_is_refused(tmp_p
 
     path, marker = crafted_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="refusing to load"):
-        MeanTeacher(backbone="resnet18", image_size=8, init_from=str(path))
+        MeanTeacher(backbone="resnet18", input_spec=InputSpec.image(8), init_from=str(path))
     assert not marker.exists()
 
 

@@ -22,6 +22,7 @@ import torch
 from lightly.loss import BarlowTwinsLoss as LightlyBarlowTwinsLoss
 from lightly.loss import NTXentLoss
 
+from ssl_kit.inputs import InputSpec
 from ssl_kit.losses import BarlowTwinsLoss
 
 
@@ -80,7 +81,7 @@ def test_simclr_criterion_is_the_formula_at_its_temperature() -> None:
     negatives from every rank (the 2-rank check is in test_distributed.py)."""
     from ssl_kit.methods import SimCLR
 
-    criterion = SimCLR(backbone="resnet18", image_size=8, temperature=0.3).criterion
+    criterion = SimCLR(backbone="resnet18", input_spec=InputSpec.image(8), temperature=0.3).criterion
     assert criterion.gather_distributed
     gen = torch.Generator().manual_seed(2)
     out0, out1 = torch.randn(5, 4, generator=gen, dtype=torch.float64), torch.randn(5, 4, generator=gen, dtype=torch.float64)

@@ -11,6 +11,7 @@ import yaml
 from PIL import Image
 
 from helpers import REPO, against_random_init, fit, fresh_copy
+from ssl_kit.inputs import InputSpec
 from ssl_kit.losses.mae import MaskedReconstructionLoss
 from ssl_kit.methods.figures import FIGURE_MIN_SIDE
 from ssl_kit.methods.mae import MAE
@@ -20,7 +21,7 @@ from ssl_kit.models.patches import grid_shape, patchify, sincos_grid, unpatchify
 
 def tiny_mae(**kwargs) -> MAE:
     torch.manual_seed(0)
-    kwargs = {"backbone": "vit_tiny_patch16_224", "image_size": 16, "num_classes": 10, **kwargs}
+    kwargs = {"backbone": "vit_tiny_patch16_224", "input_spec": InputSpec.image(16), "num_classes": 10, **kwargs}
     return MAE(**kwargs).eval()
 
 
@@ -89,7 +90,7 @@ def test_patchify_rejects_a_patch_that_does_not_tile():
 def test_patch_order_matches_the_vit_patch_embedding():
     """Reconstruction targets line up with encoder tokens: timm's conv patch embedding equals a
     linear map applied to our patch vectors, token by token."""
-    vit = tiny_mae(image_size=32).backbone
+    vit = tiny_mae(input_spec=InputSpec.image(32)).backbone
     images = torch.randn(2, 3, 32, 32)
     proj = vit.patch_embed.proj
     weight = proj.weight.permute(0, 2, 3, 1).reshape(proj.out_channels, -1)  # (D, ph * pw * C)
@@ -176,7 +177,7 @@ def test_videomae_norm_pix_target_is_per_channel_with_eps_on_the_std():
     assert (image_target - MaskedReconstructionLoss(norm_pix_loss=True, norm_channels=channels).target(target)).abs().max() > 0.5
     from ssl_kit.methods import MAE
 
-    model = MAE(backbone="video_vit_tiny", image_size=(4, 16, 16), backbone_kwargs={"depth": 1})
+    model = MAE(backbone="video_vit_tiny", input_spec=InputSpec.video(4, 16), backbone_kwargs={"depth": 1})
     assert model.criterion.norm_channels == 3 and tiny_mae().criterion.norm_channels is None
 
 
@@ -255,7 +256,7 @@ def test_encoder_position_embeddings_are_fixed_sincos():
 
 def test_mae_needs_a_vit():
     with pytest.raises(TypeError, match="ViT"):
-        MAE(backbone="resnet18", image_size=16)
+        MAE(backbone="resnet18", input_spec=InputSpec.image(16))
 
 
 @pytest.mark.parametrize(
@@ -269,7 +270,7 @@ def test_shipped_configs_build_a_tiling_vit(config, image_size, grid):
     assert spec["data"]["init_args"]["image_size"] == image_size
     views = spec["data"]["init_args"]["views"]["init_args"]
     assert views["num_views"] == 1 and views["jitter_prob"] == 0 and views["grayscale_prob"] == 0
-    model = MAE(image_size=image_size, **spec["model"]["init_args"])
+    model = MAE(input_spec=InputSpec.image(image_size), **spec["model"]["init_args"])
     assert model.patches.grid == grid
     loss, _ = model.training_loss([torch.randn(2, 3, image_size, image_size)])
     assert torch.isfinite(loss)

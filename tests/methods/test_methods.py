@@ -8,6 +8,7 @@ import torch
 
 from helpers import MNIST_RUN, REPO, against_random_init, fit, needs_mnist
 from ssl_kit.data import DigitsDataModule
+from ssl_kit.inputs import InputSpec
 from ssl_kit.methods import BarlowTwins, SimCLR
 
 
@@ -38,7 +39,7 @@ def test_online_probe_never_moves_the_backbone(method):
     """A step whose self-supervised loss is zeroed changes the probe but not one backbone weight."""
     L.seed_everything(0)
     data = DigitsDataModule(image_size=8, batch_size=16, num_workers=0)
-    model = method(backbone="resnet18", image_size=8, num_classes=10, weight_decay=0.0, warmup_epochs=0)
+    model = method(backbone="resnet18", input_spec=InputSpec.image(8), num_classes=10, weight_decay=0.0, warmup_epochs=0)
     views, labels = next(iter(data.train_dataloader()))
     before = {k: v.clone() for k, v in model.named_parameters()}
     loss, features = model.training_loss(views)
@@ -53,7 +54,7 @@ def test_online_probe_never_moves_the_backbone(method):
 
 
 def test_probe_loss_ignores_unlabeled_samples():
-    model = SimCLR(backbone="resnet18", image_size=8, num_classes=3)
+    model = SimCLR(backbone="resnet18", input_spec=InputSpec.image(8), num_classes=3)
     model.probe.eval()
     features = torch.randn(4, model.feature_dim)
     labels = torch.tensor([0, -1, 2, -1])

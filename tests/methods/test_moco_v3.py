@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from helpers import MNIST_RUN, against_random_init, fit, fresh_copy, needs_mnist
 from ddp import TwoViewLinear, gloo_group, seeded_two_view_linear, spawn_ranks
+from ssl_kit.inputs import InputSpec
 from ssl_kit.losses.moco import InfoNCELoss
 from ssl_kit.methods.momentum import EMAUpdater, momentum_at
 from ssl_kit.methods.moco_v3 import MoCoV3
@@ -82,7 +83,7 @@ def test_heads_follow_the_official_builder(backbone, projector_linears, predicto
     """ResNet: 2-layer projector, predictor without the last BN; ViT: 3-layer projector, predictor
     with it. Every Linear without bias, hidden blocks Linear-BN-ReLU, the projector's last BN
     without affine parameters."""
-    model = MoCoV3(backbone=backbone, image_size=8, **SMALL_HEADS)
+    model = MoCoV3(backbone=backbone, input_spec=InputSpec.image(8), **SMALL_HEADS)
     for head, linears, last_bn in [(model.projector, projector_linears, True), (model.predictor, 2, predictor_last_bn)]:
         layers = layers_of(head)
         kinds = [type(m).__name__ for m in layers]
@@ -97,14 +98,14 @@ def test_heads_follow_the_official_builder(backbone, projector_linears, predicto
 def test_vit_position_embeddings_are_fixed_2d_sincos_in_both_encoders():
     from ssl_kit.models.patches import sincos_grid
 
-    model = MoCoV3(backbone="vit_tiny_patch16_224", image_size=8, **SMALL_HEADS)
+    model = MoCoV3(backbone="vit_tiny_patch16_224", input_spec=InputSpec.image(8), **SMALL_HEADS)
     pos = model.backbone.pos_embed
     assert not pos.requires_grad and not pos[0, 0].any()
     assert torch.equal(pos[0, 1:], sincos_grid(pos.shape[-1], (2, 2)))
     assert torch.equal(model.momentum_backbone.pos_embed, pos)
     optimised = {id(p) for group in optimizer_of(model).param_groups for p in group["params"]}
     assert id(pos) not in optimised
-    assert MoCoV3(backbone="vit_tiny_patch16_224", image_size=8, fixed_pos_embed=False, **SMALL_HEADS).backbone.pos_embed.requires_grad
+    assert MoCoV3(backbone="vit_tiny_patch16_224", input_spec=InputSpec.image(8), fixed_pos_embed=False, **SMALL_HEADS).backbone.pos_embed.requires_grad
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,7 +128,7 @@ def optimizer_of(model: MoCoV3, total_steps: int = 10) -> torch.optim.Optimizer:
 )
 def test_momentum_encoder_gets_no_gradient_and_is_in_no_optimizer_group(backbone, image_size, extra):
     L.seed_everything(0)
-    model = MoCoV3(backbone=backbone, image_size=image_size, **SMALL_HEADS, **extra)
+    model = MoCoV3(backbone=backbone, input_spec=InputSpec.image(image_size), **SMALL_HEADS, **extra)
     views = [torch.randn(8, 3, image_size, image_size) for _ in range(2)]
     loss, features = model.training_loss(views)
     assert features.shape == (8, model.feature_dim)

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from helpers import TINY_RUN, fit
+from ssl_kit.inputs import InputSpec
 from ssl_kit.methods import MAE, MSN
 from ssl_kit.methods.figures import reconstruction_grid
 from ssl_kit.models.tokens import ImageViTTokens, VideoViTTokens, patch_tokens
@@ -38,17 +39,21 @@ def test_each_method_runs_on_each_embedded_modality(tmp_path, config):
     assert cli.trainer.global_step == 2
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     expected = (64, 101) if config in AUDIO_CONFIGS else (8, 32, 32)
-    assert tuple(cli.model.hparams.image_size) == expected
+    assert cli.model.input_spec.shape == expected and cli.model.hparams.input_spec["shape"] == list(expected)
 
 
 # -- the token interface ---------------------------------------------------------------------
+#: 1 s of 16 kHz audio as 64 mel bins x 101 frames (``in_chans`` follows the 1 channel).
+SPECTROGRAM = InputSpec("audio", (64, 101), 1)
+
+
 def spectrogram_mae(**kwargs) -> MAE:
-    return MAE(backbone="vit_tiny_patch16_224", image_size=(64, 101), backbone_kwargs={"in_chans": 1, "patch_size": [8, 8], "depth": 1},
+    return MAE(backbone="vit_tiny_patch16_224", input_spec=SPECTROGRAM, backbone_kwargs={"patch_size": [8, 8], "depth": 1},
                decoder_depth=1, mask_ratio=0.8, **kwargs)  # fmt: skip
 
 
 def video_mae(**kwargs) -> MAE:
-    return MAE(backbone="video_vit_tiny", image_size=(8, 32, 32), backbone_kwargs={"depth": 1, "patch_size": 8}, decoder_depth=1, **kwargs)
+    return MAE(backbone="video_vit_tiny", input_spec=InputSpec.video(8, 32), backbone_kwargs={"depth": 1, "patch_size": 8}, decoder_depth=1, **kwargs)
 
 
 def test_token_interface_covers_image_spectrogram_and_video_vits():
@@ -81,10 +86,10 @@ def test_mae_masking_defaults_per_modality():
     mask = video.random_mask(3).mask.view(3, 4, 16)  # (batch, time slices, spatial positions)
     assert (mask == mask[:, :1]).all() and mask.float().mean() == pytest.approx(14 / 16)
     assert not video_mae(masking="random").tube
-    image = MAE(backbone="vit_tiny_patch16_224", image_size=16, backbone_kwargs={"depth": 1}, decoder_depth=1)
+    image = MAE(backbone="vit_tiny_patch16_224", input_spec=InputSpec.image(16), backbone_kwargs={"depth": 1}, decoder_depth=1)
     assert image.mask_ratio == 0.75 and not image.tube
     with pytest.raises(ValueError, match="tube"):
-        MAE(backbone="vit_tiny_patch16_224", image_size=16, masking="tube")
+        MAE(backbone="vit_tiny_patch16_224", input_spec=InputSpec.image(16), masking="tube")
 
 
 @pytest.mark.parametrize("build", [spectrogram_mae, video_mae], ids=["audio-mae", "video-mae"])
@@ -110,13 +115,13 @@ def test_reconstruction_figures_spectrogram_rows_and_video_frame_strips():
 
 
 def test_msn_masks_video_tubelets_and_spectrogram_patches():
-    video = MSN(backbone="video_vit_tiny", image_size=(8, 32, 32), backbone_kwargs={"depth": 1, "patch_size": 8}, num_prototypes=8,
+    video = MSN(backbone="video_vit_tiny", input_spec=InputSpec.video(8, 32), backbone_kwargs={"depth": 1, "patch_size": 8}, num_prototypes=8,
                 projection_hidden_dim=32, projection_dim=16, mask_ratio=0.25)  # fmt: skip
     features = video.anchor_features([torch.randn(3, 3, 8, 32, 32)])
     assert features.shape == (3, video.feature_dim)
     loss, _ = video.training_loss([torch.randn(3, 3, 8, 32, 32), torch.randn(3, 3, 8, 32, 32)])
     assert torch.isfinite(loss)
-    audio = MSN(backbone="vit_tiny_patch16_224", image_size=(64, 101), backbone_kwargs={"in_chans": 1, "patch_size": [8, 8], "depth": 1},
+    audio = MSN(backbone="vit_tiny_patch16_224", input_spec=SPECTROGRAM, backbone_kwargs={"patch_size": [8, 8], "depth": 1},
                 num_prototypes=8, projection_hidden_dim=32, projection_dim=16)  # fmt: skip
     loss, _ = audio.training_loss([torch.randn(3, 1, 64, 101), torch.randn(3, 1, 64, 101)])
     assert torch.isfinite(loss)
@@ -127,7 +132,7 @@ def test_paired_views_take_one_weak_and_one_strong_view():
     weak = VideoViews(num_views=1, crop_scale=(1.0, 1.0), flip_prob=0.0, jitter_prob=0.0, grayscale_prob=0.0)
     strong = VideoViews(num_views=1, flip_prob=0.0, erase_prob=1.0)
     pair = PairedViews(weak, strong)
-    pair.configure((4, 16, 16), (0.5,) * 3, (0.25,) * 3)
+    pair.configure(InputSpec.video(4, 16, (0.5,) * 3, (0.25,) * 3))
     clip = torch.full((4, 3, 16, 16), 200, dtype=torch.uint8)
     views = pair(clip)
     assert [v.shape for v in views] == [(3, 4, 16, 16)] * 2

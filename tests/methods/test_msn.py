@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from helpers import REPO, against_random_init, fit, fresh_copy
 from ddp import gloo_group, spawn_ranks
+from ssl_kit.inputs import InputSpec
 from ssl_kit.losses.msn import MSNLoss, sinkhorn
 
 # Module-level imports stay light (torch, not lightning or lightly): the 2-process test's workers
@@ -120,7 +121,7 @@ def tiny_msn(**kwargs):
 
     L.seed_everything(0)
     defaults = dict(
-        backbone="vit_tiny_patch16_224", image_size=16, num_classes=10,
+        backbone="vit_tiny_patch16_224", input_spec=InputSpec.image(16), num_classes=10,
         projection_hidden_dim=64, projection_dim=32, num_prototypes=16,
     )
     return MSN(**{**defaults, **kwargs})
@@ -235,7 +236,7 @@ def test_configs_follow_the_recipe(config):
     assert args["backbone"].startswith("vit") and args["optimizer"] == "adamw" and args["weight_decay"] == 0.04
     assert cfg["trainer"]["gradient_clip_val"] == 3.0
     views = data["views"]["init_args"]
-    spec = backbone_spec(args["backbone"], data["image_size"])
+    spec = backbone_spec(args["backbone"], InputSpec.image(data["image_size"]))
     patch = spec.kwargs.get("patch_size", 16)
     assert views["num_views"] == 2 and data["image_size"] % patch == 0
     if config == "msn_digits.yaml":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from helpers import REPO, TINY
+from ssl_kit.inputs import InputSpec
 from ssl_kit.export import main as export
 from ssl_kit.models import backbone_from_checkpoint
 from ssl_kit.models import load_exported_backbone
@@ -39,6 +40,7 @@ def test_an_old_pretraining_checkpoint_initialises_self_training_and_an_old_teac
     teacher = MeanTeacher.load_from_checkpoint(FIXTURES / "mean_teacher_v0.ckpt", map_location="cpu")
     saved = torch.load(FIXTURES / "mean_teacher_v0.ckpt", weights_only=True)["state_dict"]
     assert all(torch.equal(value, saved[key]) for key, value in teacher.state_dict().items())
+    assert teacher.input_spec == InputSpec.image(8)  # from the image_size it recorded
 
 
 def test_an_old_checkpoint_loads_as_a_suite_entry(tmp_path):

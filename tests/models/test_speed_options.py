@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ssl_kit.data import DigitsDataModule
+from ssl_kit.inputs import InputSpec
 from ssl_kit.methods import BarlowTwins, MAE
 
 BATCH, SIZE = 8, 16
@@ -34,7 +35,7 @@ def views_loader(steps: int = 2) -> DataLoader:
 def model(**options) -> BarlowTwins:
     L.seed_everything(0, verbose=False)
     return BarlowTwins(
-        backbone="resnet10t", image_size=SIZE, projection_hidden_dim=64, projection_dim=64, warmup_epochs=0, **options
+        backbone="resnet10t", input_spec=InputSpec.image(SIZE), projection_hidden_dim=64, projection_dim=64, warmup_epochs=0, **options
     )
 
 
@@ -71,7 +72,7 @@ def test_fused_adamw_gives_the_same_losses():
 def test_channels_last_on_a_vit_trains_as_before():
     """A ViT has one 2-D conv (the patch embedding): only it changes format; a 2-block ViT keeps it quick."""
     options = dict(
-        backbone="vit_tiny_patch16_224", backbone_kwargs={"depth": 2}, image_size=SIZE, mask_ratio=0.5,
+        backbone="vit_tiny_patch16_224", backbone_kwargs={"depth": 2}, input_spec=InputSpec.image(SIZE), mask_ratio=0.5,
         decoder_dim=32, decoder_depth=1, decoder_heads=2,
     )
     L.seed_everything(0, verbose=False)

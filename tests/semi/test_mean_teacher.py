@@ -17,6 +17,7 @@ from helpers import fit
 from ssl_kit.data import DigitsDataModule
 from ssl_kit.data.splits import few_label_split
 from ssl_kit.data.semi_supervised import SemiSupervisedBatch
+from ssl_kit.inputs import InputSpec
 from ssl_kit.semi import MeanTeacher
 from ssl_kit.semi.criteria import rampup
 from ssl_kit.semi.losses import DoublyRobustLoss, ThresholdedPseudoLabelLoss, pseudo_labels, soft_cross_entropy
@@ -75,7 +76,7 @@ def test_semi_supervised_loaders_labeled_and_unlabeled_batches():
 
 def test_weak_and_strong_views_differ_only_by_the_strong_augmentation():
     views = WeakStrongViews(flip_prob=0.0, translate=0.0, cutout=0.5)
-    views.configure(16, (0.5,) * 3, (0.5,) * 3)
+    views.configure(InputSpec.image(16, (0.5,) * 3, (0.5,) * 3))
     from PIL import Image
 
     image = Image.fromarray((np.arange(256).reshape(16, 16) % 251).astype(np.uint8)).convert("RGB")
@@ -206,7 +207,7 @@ class FakeTrainer:
 
 
 def tiny_teacher(**kwargs) -> MeanTeacher:
-    model = MeanTeacher(**{"backbone": "resnet18", "image_size": 8, "num_classes": 10, "threshold": 0.0, **kwargs})
+    model = MeanTeacher(**{"backbone": "resnet18", "input_spec": InputSpec.image(8), "num_classes": 10, "threshold": 0.0, **kwargs})
     model._trainer = FakeTrainer()
     return model.train()
 
@@ -351,9 +352,9 @@ def test_init_from_a_different_architecture_names_the_file(tmp_path):
     fit("simclr_digits.yaml", tmp_path / "simclr", "--trainer.max_epochs", "1")
     checkpoint = tmp_path / "simclr" / "checkpoints" / "last.ckpt"
     with pytest.raises(ValueError, match="last.ckpt.*does not fit"):
-        MeanTeacher(backbone="resnet34", image_size=8, init_from=str(checkpoint))
+        MeanTeacher(backbone="resnet34", input_spec=InputSpec.image(8), init_from=str(checkpoint))
     with pytest.raises(FileNotFoundError, match="nothing.ckpt"):
-        MeanTeacher(backbone="resnet18", image_size=8, init_from=str(tmp_path / "nothing.ckpt"))
+        MeanTeacher(backbone="resnet18", input_spec=InputSpec.image(8), init_from=str(tmp_path / "nothing.ckpt"))
 
 
 @pytest.mark.slow

@@ -16,7 +16,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from helpers import TINY_RUN, fit
-from ssl_kit.transforms import AudioViews, BatchedAudioViews, BatchedVideoViews, LogMel, PairedViews
+from ssl_kit.inputs import InputSpec, LogMelSettings
+from ssl_kit.transforms import AudioViews, BatchedAudioViews, BatchedVideoViews, PairedViews
 from ssl_kit.transforms import audio as audio_module
 from ssl_kit.transforms.batched import ViewParams, ViewSpec
 
@@ -36,7 +37,7 @@ def _one_thread(_single_thread_pairs):
 # -- video -----------------------------------------------------------------------------------
 def video_views(frames: int = 4, size: int = 16, **kwargs) -> BatchedVideoViews:
     views = BatchedVideoViews(**kwargs)
-    views.configure((frames, size, size), MEAN, STD)
+    views.configure(InputSpec.video(frames, size, MEAN, STD))
     return views
 
 
@@ -150,7 +151,7 @@ RATE, CLIP = 8000, 800
 
 def audio_views(cls=BatchedAudioViews, **kwargs) -> AudioViews:
     views = cls(**kwargs)
-    views.configure_audio(LogMel(RATE, n_fft=128, n_mels=16), CLIP)
+    views.configure(InputSpec.audio(LogMelSettings(RATE, CLIP, n_fft=128, n_mels=16)))
     return views
 
 

@@ -12,6 +12,7 @@ from scipy.stats import ks_2samp
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as TF
 
+from ssl_kit.inputs import InputSpec
 from ssl_kit.transforms import BatchedImageViews, ViewAugmentation
 from ssl_kit.transforms.batched import ViewParams, ViewSpec
 from ssl_kit.transforms.kernels import ADJUST, color_jitter, gaussian_blur, grayscale, resized_crop, solarize
@@ -34,7 +35,7 @@ def _one_thread(_single_thread_pairs):
 
 def make_views(image_size: int = 16, **kwargs) -> BatchedImageViews:
     views = BatchedImageViews(**kwargs)
-    views.configure(image_size, MEAN, STD)
+    views.configure(InputSpec.image(image_size, MEAN, STD))
     return views
 
 

@@ -6,12 +6,13 @@ import torch
 from PIL import Image
 
 from helpers import fit
+from ssl_kit.inputs import InputSpec
 from ssl_kit.transforms import ImageViews
 
 
 def make_views(**kwargs) -> ImageViews:
     views = ImageViews(**kwargs)
-    views.configure(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    views.configure(InputSpec.image(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
     return views
 
 

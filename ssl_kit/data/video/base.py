@@ -10,13 +10,15 @@ from ssl_kit.data.base import SSLDataModule, Splits
 from ssl_kit.data.samples import Samples
 from ssl_kit.data.splits import stratified_split
 from ssl_kit.data.video.files import VideoFiles
+from ssl_kit.inputs import InputSpec
 from ssl_kit.transforms.base import ViewAugmentation
 from ssl_kit.transforms.video import VideoEval, VideoViews
 
 
 class VideoDataModule(SSLDataModule):
     """Base of the video DataModules: ``frames_per_clip`` frames ``frame_stride`` apart at
-    ``frame_size`` pixels make the sample "image" ``(frames, height, width)`` (linked into the model)."""
+    ``frame_size`` pixels make the input, a clip ``(3, frames, height, width)`` (``input_spec``,
+    linked into the model)."""
 
     default_frame_size = 112
 
@@ -30,14 +32,19 @@ class VideoDataModule(SSLDataModule):
         views: ViewAugmentation | None = None,
         **kwargs,
     ) -> None:
+        if kwargs.get("image_size") is not None:
+            raise ValueError("--data.image_size is for images: a clip's frames are --data.frame_size pixels")
         self.frames_per_clip = frames_per_clip
         self.frame_stride = frame_stride
-        size = frame_size or self.default_frame_size
-        super().__init__(root, *args, image_size=(frames_per_clip, size, size), views=views if views is not None else VideoViews(), **kwargs)
+        self.frame_size = frame_size or self.default_frame_size
+        super().__init__(root, *args, views=views if views is not None else VideoViews(), **kwargs)
+
+    def describe_input(self) -> InputSpec:
+        return InputSpec.video(self.frames_per_clip, self.frame_size, self.mean, self.std)
 
     @property
     def eval_transform(self) -> VideoEval:
-        return VideoEval(self.image_size[-1], self.mean, self.std)
+        return VideoEval(self.frame_size, self.mean, self.std)
 
     def files(self, samples: Samples, sampling: Literal["random", "center"] = "center") -> VideoFiles:
         return VideoFiles(samples, self.frames_per_clip, self.frame_stride, sampling, self.skipped_files, self.decoded_cache)

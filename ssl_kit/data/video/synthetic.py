@@ -51,7 +51,7 @@ class MovingDigitsDataModule(VideoDataModule):
         """uint8 clips ``(N, T, S, S)`` and their motion labels."""
         rng = np.random.default_rng(self.generator_seed)
         digits = self.digit_images()
-        frames, size = self.frames_per_clip, self.image_size[-1]
+        frames, size = self.frames_per_clip, self.frame_size
         labels = np.repeat(np.arange(self.num_classes), self.clips_per_class)
         t = torch.arange(frames, dtype=torch.float32)
         thetas = []
