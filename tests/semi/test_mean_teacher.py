@@ -412,13 +412,14 @@ def test_pre_labeled_pool_trains_the_student_on_the_given_targets():
 # --------------------------------------------------------------------------------------------
 # learning: the unlabeled pool helps
 # --------------------------------------------------------------------------------------------
-# 5 labels per class, 10 epochs over the unlabeled pool (220 optimizer steps), at 24 px through
+# 5 labels per class, 5 epochs over the unlabeled pool (110 optimizer steps), at 24 px through
 # the standard ResNet stem (6x6 maps after it: 4x cheaper than the CIFAR stem at 16 px, and the
 # measured gain is the same); the baseline is the same run with unlabeled_weight 0: same labeled
-# batches, same steps. Measured: teacher 0.923 with the pool, 0.763 on the labels alone.
+# batches, same steps. Measured: teacher 0.822 with the pool, 0.753 on the labels alone (10 epochs:
+# 0.923 and 0.763, in 60% more time).
 LEARN = [
-    "--trainer.max_epochs", "10", "--trainer.limit_train_batches", "1.0", "--trainer.limit_val_batches", "1.0",
-    "--trainer.check_val_every_n_epoch", "10", "--trainer.num_sanity_val_steps", "0",
+    "--trainer.max_epochs", "5", "--trainer.limit_train_batches", "1.0", "--trainer.limit_val_batches", "1.0",
+    "--trainer.check_val_every_n_epoch", "5", "--trainer.num_sanity_val_steps", "0",
     "--data.image_size", "24", "--model.small_image", "false", "--data.batch_size", "16", "--model.ema_momentum", "0.9",
 ]  # fmt: skip
 
