@@ -17,7 +17,8 @@ SNAPSHOT_NAME = re.compile(r"^t(\d+)ms\.pt$")
 
 class Snapshots(Callback):
     """Saves ``network``'s weights (a plain state dict) to ``folder/t<milliseconds>ms.pt`` each time the
-    training time passes another ``every_seconds``, and once at the end. Training time is the
+    training time passes another ``every_seconds``, and once at the end (unless the last step was
+    just saved: a budget that ends on a mark gives one point, not two). Training time is the
     Trainer's ``Timer`` (``--trainer.max_time``; a resumed run continues it) or, without one, the
     time since training started. Rank zero writes."""
 
@@ -28,6 +29,7 @@ class Snapshots(Callback):
         self._timer: Timer | None = None
         self._start = 0.0
         self._next = every_seconds
+        self._saved_step = -1
 
     def elapsed(self) -> float:
         return self._timer.time_elapsed("train") if self._timer is not None else time.monotonic() - self._start
@@ -36,6 +38,7 @@ class Snapshots(Callback):
         self._timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
         self._start = time.monotonic()
         self._next = (int(self.elapsed() // self.every) + 1) * self.every
+        self._saved_step = -1
 
     def on_train_batch_end(self, trainer, *args) -> None:
         if self.elapsed() >= self._next:
@@ -43,9 +46,11 @@ class Snapshots(Callback):
             self._next += self.every
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.save(trainer, self.elapsed())
+        if trainer.global_step != self._saved_step:
+            self.save(trainer, self.elapsed())
 
     def save(self, trainer, seconds: float) -> None:
+        self._saved_step = trainer.global_step
         if trainer.is_global_zero:
             self.folder.mkdir(parents=True, exist_ok=True)
             state = {key: value.detach().cpu().clone() for key, value in self.network.state_dict().items()}
