@@ -48,7 +48,7 @@ def classic_probe(
     no framework overhead is charged to it."""
     start = time.perf_counter()
     augment = T.Compose([
-        T.RandomResizedCrop(data.image_size, scale=crop_scale, interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomResizedCrop(data.input_spec.side, scale=crop_scale, interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         T.Normalize(data.mean, data.std),

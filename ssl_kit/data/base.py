@@ -97,7 +97,7 @@ class SSLDataModule(L.LightningDataModule):
         self.root = root
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.image_size = image_size or self.default_image_size
+        self.image_size = image_size
         self.input_spec = self.describe_input()
         self.views = views if views is not None else ImageViews()
         self.configure_views()
@@ -127,8 +127,9 @@ class SSLDataModule(L.LightningDataModule):
         return self.labels_per_class is not None or self.label_fraction is not None
 
     def describe_input(self) -> InputSpec:
-        """What one sample is to the model: here an image of side (or ``(height, width)``) ``image_size``."""
-        return InputSpec.image(self.image_size, self.mean, self.std)
+        """What one sample is to the model: here an image of side (or ``(height, width)``)
+        ``image_size``, by default the dataset's ``default_image_size``."""
+        return InputSpec.image(self.image_size or self.default_image_size, self.mean, self.std)
 
     def configure_views(self) -> None:
         """Gives the views the description of the input."""
