@@ -17,12 +17,16 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(PY) -m ssl_kit.fit --config configs/quickstart.yaml
 
+# Two pytest-xdist workers (one per core of the CI machine), each test file on one worker so a
+# module's expensive fixtures (a pretraining run, a 2-rank group) are built once.
+PYTEST := $(PY) -m pytest -n 2 --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PYTEST)
 
 # The edit-test loop: everything but the tests marked slow.
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 clean:
 	rm -rf runs .pytest_cache

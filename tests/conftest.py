@@ -1,13 +1,17 @@
 """Fixtures every test gets; shared helpers live in ``helpers.py`` (``tests/`` is on the path)."""
 
+import os
+
 import pytest
 import torch
 
 
 @pytest.fixture(autouse=True)
-def _single_thread_pairs():
-    """Two torch threads: the CI machine has two cores, and tests run one at a time."""
-    torch.set_num_threads(2)
+def _threads_per_worker():
+    """The machine's cores shared among pytest-xdist's workers (``make test`` runs one per core), so
+    parallel workers do not oversubscribe the CPU; one process alone gets every core."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     yield
 
 

@@ -29,7 +29,7 @@ ATOL = 1e-4  # float32 differences of the same maths computed differently, after
 
 
 @pytest.fixture(autouse=True)
-def _one_thread(_single_thread_pairs):
+def _one_thread(_threads_per_worker):
     """One torch thread: the two cores are shared with a benchmark."""
     torch.set_num_threads(1)
 
