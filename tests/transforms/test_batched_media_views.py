@@ -30,7 +30,7 @@ ATOL = 1e-4  # float32 differences of the same maths computed differently, after
 
 @pytest.fixture(autouse=True)
 def _one_thread(_threads_per_worker):
-    """One torch thread: the two cores are shared with a benchmark."""
+    """One torch thread: the tensors are tiny, and a second thread only adds synchronisation."""
     torch.set_num_threads(1)
 
 
