@@ -15,6 +15,13 @@ def _threads_per_worker():
     yield
 
 
+@pytest.fixture
+def one_thread(_threads_per_worker):
+    """One torch thread, for modules of tiny tensors (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    a second thread only adds synchronisation, which costs seconds when other jobs share the cores."""
+    torch.set_num_threads(1)
+
+
 #: Module fixtures that spawn a 2-rank process group or run a whole pretraining: the tests that use
 #: them are slow (``make test-fast`` leaves them out).
 SLOW_FIXTURES = {"ranks", "digits_run"}

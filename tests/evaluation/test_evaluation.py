@@ -29,12 +29,7 @@ def blobs(n: int, seed: int, classes: int = 4, dim: int = 16) -> FeatureSet:
 TRAIN, VAL, TEST = blobs(400, 1), blobs(200, 2), blobs(1000, 3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Every tensor here is tiny: a second thread only adds synchronisation, which costs seconds
-    per test when other jobs share the two cores."""
-    torch.set_num_threads(1)
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_extract_keeps_order_and_restores_mode():

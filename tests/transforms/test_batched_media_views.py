@@ -28,10 +28,7 @@ RATE_TOL = 0.02  # over 4 standard errors of a rate at 10,000 draws
 ATOL = 1e-4  # float32 differences of the same maths computed differently, after normalising
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(_threads_per_worker):
-    """One torch thread: the tensors are tiny, and a second thread only adds synchronisation."""
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- video -----------------------------------------------------------------------------------

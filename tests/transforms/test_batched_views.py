@@ -27,10 +27,7 @@ RATE_TOL = 0.015  # over 4 standard errors of a rate at 20,000 draws
 ATOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(_threads_per_worker):
-    """One torch thread: the tensors are tiny, and a second thread only adds synchronisation."""
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_views(image_size: int = 16, **kwargs) -> BatchedImageViews:
