@@ -33,3 +33,10 @@ def gather_cat(tensor: Tensor) -> Tensor:
     if world_size() == 1:
         return tensor
     return torch.cat(dist_nn.all_gather(tensor), dim=0)
+
+
+def from_first_rank(tensor: Tensor) -> Tensor:
+    """Rank 0's value on every rank (not differentiable): one random draw shared by the whole batch."""
+    if world_size() > 1:
+        dist.broadcast(tensor, src=0)
+    return tensor

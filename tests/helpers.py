@@ -54,6 +54,20 @@ def fresh_copy(model, **overrides):
     return type(model)(**{**hparams, **overrides})
 
 
+def configured_optimizer(model, total_steps: int = 10):
+    """``model.configure_optimizers()``'s optimizer without a Trainer: the attributes its budget reads
+    stand in for one (one epoch of ``total_steps``)."""
+    from types import SimpleNamespace
+
+    model._trainer = SimpleNamespace(
+        estimated_stepping_batches=total_steps, train_dataloader=[], num_training_batches=total_steps, accumulate_grad_batches=1
+    )
+    try:
+        return model.configure_optimizers()["optimizer"]
+    finally:
+        model._trainer = None
+
+
 def against_random_init(cli, label: str) -> dict[str, tuple[float, float]]:
     """Accuracy of a trained run's backbone and of the same method at random init, by protocol:
     ``knn`` (the online monitor's: train bank -> validation set, the method's k and temperature)

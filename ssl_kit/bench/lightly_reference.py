@@ -6,8 +6,9 @@ the loader workers), heads, loss, optimizer and the plain Trainer loop with no s
 ssl_kit's instead: the backbone (the cell's own, built from its config, at random init: "same
 backbone"), the images (the DataModule's pretraining split), the batch size and loader workers
 (the config's), and the Trainer's budget (``max_time`` / ``max_epochs`` / ``max_steps``). MSN keeps
-lightly's ``prototypes.data`` (its prototypes get no gradient), as documented. lightly has no MoCo
-v3 (its MoCo is v2), so there is no MoCo v3 reference.
+lightly's ``prototypes.data`` (its prototypes get no gradient), as documented. Momentum schedules
+read the epoch over the examples' 10 epochs, as the examples do. lightly has no MoCo v3 (its MoCo
+is v2), so there is no MoCo v3 reference.
 """
 
 from __future__ import annotations
@@ -16,17 +17,26 @@ import copy
 
 import lightning as L
 import torch
-from lightly.loss import BarlowTwinsLoss, MSNLoss, NTXentLoss
+from lightly.loss import BarlowTwinsLoss, DINOLoss, MSNLoss, NegativeCosineSimilarity, NTXentLoss, VICRegLoss
 from lightly.models import utils
 from lightly.models.modules import MaskedVisionTransformerTIMM
-from lightly.models.modules.heads import BarlowTwinsProjectionHead, MSNProjectionHead, SimCLRProjectionHead
+from lightly.models.modules.heads import (
+    BarlowTwinsProjectionHead, BYOLPredictionHead, BYOLProjectionHead, DINOProjectionHead, MSNProjectionHead,
+    SimCLRProjectionHead, VICRegProjectionHead,
+)  # fmt: skip
 from lightly.models.modules.masked_autoencoder_timm import MAEDecoderTIMM
-from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform, MAETransform, MSNTransform, SimCLRTransform
+from lightly.transforms import (
+    BYOLTransform, BYOLView1Transform, BYOLView2Transform, DINOTransform, MAETransform, MSNTransform, SimCLRTransform,
+    VICRegTransform,
+)  # fmt: skip
+from lightly.utils.scheduler import cosine_schedule
 from torch import Tensor, nn
+
+from ssl_kit.models.tokens import ImageViTTokens
 
 
 class TwoViewReference(L.LightningModule):
-    """lightly's SimCLR / Barlow Twins example module: backbone -> projection head on two views, SGD 0.06."""
+    """lightly's SimCLR / Barlow Twins / VICReg example module: backbone -> projection head on two views, SGD 0.06."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module, criterion: nn.Module) -> None:
         super().__init__()
@@ -43,6 +53,73 @@ class TwoViewReference(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.06)
+
+
+class BYOLReference(L.LightningModule):
+    """lightly's BYOL example: projection 1024 -> 256 and prediction heads, a momentum copy of
+    backbone and projection head (cosine 0.996 -> 1 over 10 epochs), symmetric negative cosine, SGD 0.06."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projection_head = BYOLProjectionHead(backbone.num_features, 1024, 256)
+        self.prediction_head = BYOLPredictionHead(256, 1024, 256)
+        self.backbone_momentum = copy.deepcopy(backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        utils.deactivate_requires_grad(self.backbone_momentum)
+        utils.deactivate_requires_grad(self.projection_head_momentum)
+        self.criterion = NegativeCosineSimilarity()
+
+    def forward_momentum(self, x: Tensor) -> Tensor:
+        return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1)).detach()
+
+    def training_step(self, batch, batch_idx):
+        momentum = cosine_schedule(self.current_epoch, 10, 0.996, 1)
+        utils.update_momentum(self.backbone, self.backbone_momentum, m=momentum)
+        utils.update_momentum(self.projection_head, self.projection_head_momentum, m=momentum)
+        x0, x1 = batch[0][:2]
+        p0, p1 = (self.prediction_head(self.projection_head(self.backbone(x).flatten(start_dim=1))) for x in (x0, x1))
+        loss = 0.5 * (self.criterion(p0, self.forward_momentum(x1)) + self.criterion(p1, self.forward_momentum(x0)))
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.06)
+
+
+class DINOReference(L.LightningModule):
+    """lightly's DINO example: student and momentum teacher heads (512 hidden, 64 bottleneck, 2048
+    out; the student's last layer frozen in epoch 0), teacher momentum cosine 0.996 -> 1 over 10
+    epochs, teacher temperature warmup over 5 epochs, the teacher on the two global crops and the
+    student on every crop, Adam 1e-3."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        dim = backbone.num_features
+        self.student_backbone = backbone
+        self.student_head = DINOProjectionHead(dim, 512, 64, 2048, freeze_last_layer=1)
+        self.teacher_backbone = copy.deepcopy(backbone)
+        self.teacher_head = DINOProjectionHead(dim, 512, 64, 2048)
+        utils.deactivate_requires_grad(self.teacher_backbone)
+        utils.deactivate_requires_grad(self.teacher_head)
+        self.criterion = DINOLoss(output_dim=2048, warmup_teacher_temp_epochs=5)
+
+    def training_step(self, batch, batch_idx):
+        momentum = cosine_schedule(self.current_epoch, 10, 0.996, 1)
+        utils.update_momentum(self.student_backbone, self.teacher_backbone, m=momentum)
+        utils.update_momentum(self.student_head, self.teacher_head, m=momentum)
+        views = batch[0]
+        teacher_out = [self.teacher_head(self.teacher_backbone(view).flatten(start_dim=1)) for view in views[:2]]
+        student_out = [self.student_head(self.student_backbone(view).flatten(start_dim=1)) for view in views]
+        loss = self.criterion(teacher_out, student_out, epoch=self.current_epoch)
+        self.log("train/loss", loss)
+        return loss
+
+    def on_after_backward(self) -> None:
+        self.student_head.cancel_last_layer_gradients(current_epoch=self.current_epoch)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.001)
 
 
 class MAEReference(L.LightningModule):
@@ -128,10 +205,24 @@ def reference_pipeline(method: str, backbone: nn.Module, image_size: int) -> tup
             view_2_transform=BYOLView2Transform(input_size=image_size, gaussian_blur=0.0),
         )
         return TwoViewReference(backbone, BarlowTwinsProjectionHead(backbone.num_features, 2048, 2048), BarlowTwinsLoss()), transform, backbone
+    if method == "BYOL":
+        transform = BYOLTransform(
+            view_1_transform=BYOLView1Transform(input_size=image_size, gaussian_blur=0.0),
+            view_2_transform=BYOLView2Transform(input_size=image_size, gaussian_blur=0.0),
+        )
+        return BYOLReference(backbone), transform, backbone
+    if method == "VICReg":
+        head = VICRegProjectionHead(backbone.num_features, 2048, 2048, num_layers=2)
+        return TwoViewReference(backbone, head, VICRegLoss()), VICRegTransform(input_size=image_size), backbone
+    if method == "DINO":
+        if hasattr(backbone, "patch_embed"):
+            ImageViTTokens(backbone).allow_any_input_size()  # the local crops are smaller
+        transform = DINOTransform(global_crop_size=image_size, local_crop_size=max(8, round(image_size * 96 / 224)))
+        return DINOReference(backbone), transform, backbone
     if method == "MAE":
         return MAEReference(backbone), MAETransform(input_size=image_size), backbone
     if method == "MSN":
         module = MSNReference(backbone)
         transform = MSNTransform(random_size=image_size, focal_size=image_size // 2)
         return module, transform, module.anchor_backbone.vit
-    raise ValueError(f"lightly has no documented pipeline for {method!r}; known: SimCLR, BarlowTwins, MAE, MSN")
+    raise ValueError(f"lightly has no documented pipeline for {method!r}; known: SimCLR, BarlowTwins, BYOL, VICReg, DINO, MAE, MSN")

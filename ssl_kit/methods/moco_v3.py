@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import torch
 from lightly.models.modules.heads import ProjectionHead
 from torch import Tensor, nn
 
 from ssl_kit.losses.moco import InfoNCELoss
 from ssl_kit.methods.base import SSLMethod
-from ssl_kit.methods.momentum import EMAUpdater, MomentumSchedule, MomentumTargets, frozen_copy
+from ssl_kit.methods.momentum import MomentumEncoder, MomentumSchedule
 from ssl_kit.models.tokens import patch_tokens
 
 
@@ -32,7 +31,7 @@ def moco_v3_mlp(num_layers: int, input_dim: int, hidden_dim: int, output_dim: in
     return ProjectionHead(blocks)
 
 
-class MoCoV3(MomentumTargets, SSLMethod):
+class MoCoV3(MomentumEncoder, SSLMethod):
     """Online: backbone -> projector -> predictor gives the queries; a momentum copy of backbone +
     projector (no gradients, in no optimizer group) gives the keys.
 
@@ -84,22 +83,10 @@ class MoCoV3(MomentumTargets, SSLMethod):
             patch_tokens(self.backbone).fix_sincos_pos_embed()
         self.projector = moco_v3_mlp(3 if vit else 2, self.feature_dim, projection_hidden_dim, projection_dim, last_bn=True)
         self.predictor = moco_v3_mlp(2, projection_dim, prediction_hidden_dim, projection_dim, last_bn=vit)
-        self.momentum_backbone = frozen_copy(self.backbone)
-        self.momentum_projector = frozen_copy(self.projector)
+        self.build_momentum_encoder(ema_momentum, ema_final_momentum, ema_schedule)
         self.criterion = InfoNCELoss(temperature=temperature)
-        self.ema = EMAUpdater(
-            [(self.momentum_backbone, self.backbone), (self.momentum_projector, self.projector)],
-            base=ema_momentum,
-            final=ema_final_momentum,
-            schedule=ema_schedule,
-        )
 
     def training_loss(self, views: list[Tensor]) -> tuple[Tensor, Tensor]:
-        x1, x2 = views[:2]
-        f1, f2 = self.backbone(x1), self.backbone(x2)
-        q1, q2 = self.predictor(self.projector(f1)), self.predictor(self.projector(f2))
-        with torch.no_grad():
-            k1 = self.momentum_projector(self.momentum_backbone(x1))
-            k2 = self.momentum_projector(self.momentum_backbone(x2))
+        (q1, q2), (k1, k2), f1 = self.predictions_and_targets(*views[:2])
         return self.criterion.symmetric(q1, q2, k1, k2), f1
 

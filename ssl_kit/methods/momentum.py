@@ -105,3 +105,33 @@ class MomentumTargets:
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.ema.step(self.trainer.global_step, self.run_fraction):
             self.log("train/ema_momentum", self.ema.momentum)
+
+
+class MomentumEncoder(MomentumTargets):
+    """Mixin for methods in which an online backbone -> projector -> predictor predicts, for two
+    views, the projections of a momentum encoder: EMA copies of backbone and projector, without
+    gradients and in no optimizer group (MoCo v3's keys, BYOL's targets). The momentum encoder runs
+    in the module's mode (train mode: BatchNorm on batch statistics), as both official codes do."""
+
+    backbone: nn.Module
+    projector: nn.Module
+    predictor: nn.Module
+
+    def build_momentum_encoder(self, base: float, final: float = 1.0, schedule: MomentumSchedule = "cosine") -> None:
+        """``momentum_backbone`` and ``momentum_projector``, moved by ``self.ema`` from ``base`` to ``final``."""
+        self.momentum_backbone = frozen_copy(self.backbone)
+        self.momentum_projector = frozen_copy(self.projector)
+        self.ema = EMAUpdater(
+            [(self.momentum_backbone, self.backbone), (self.momentum_projector, self.projector)], base, final, schedule
+        )
+
+    def predictions_and_targets(
+        self, x1: torch.Tensor, x2: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``(p1, p2), (z1, z2), f1``: the online predictions of both views, the momentum encoder's
+        projections of both (no gradients), and the first view's backbone features."""
+        f1, f2 = self.backbone(x1), self.backbone(x2)
+        predictions = self.predictor(self.projector(f1)), self.predictor(self.projector(f2))
+        with torch.no_grad():
+            targets = self.momentum_projector(self.momentum_backbone(x1)), self.momentum_projector(self.momentum_backbone(x2))
+        return predictions, targets, f1

@@ -50,7 +50,8 @@ class MSN(MomentumTargets, SSLMethod):
       would match the evaluation input better but costs a full forward per step.
     * Gradient clipping (``--trainer.gradient_clip_val``, 3.0 in the configs) clips the encoder,
       backbone and projector, and leaves the prototypes alone, as the official code does.
-    * Not included: the paper's weight-decay ramp 0.04 -> 0.4 (weight decay is constant here).
+    * The paper's weight-decay ramp 0.04 -> 0.4 is ``--model.weight_decay 0.04 --model.final_weight_decay 0.4``
+      (``BackboneModule``); the shipped short-run configs keep it constant.
     """
 
     def __init__(

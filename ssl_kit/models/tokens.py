@@ -82,6 +82,25 @@ class PatchTokens(ABC):
     def pooled(self, tokens: Tensor) -> Tensor:
         """The backbone's pooled feature from encoder tokens (as ``backbone(inputs)`` pools)."""
 
+    def block_outputs(self, inputs: Tensor) -> list[Tensor]:
+        """Every transformer block's output tokens (prefix first, before the final norm) for the
+        full input, in block order: data2vec 2.0's teacher averages the top ones into its targets.
+        Read by forward hooks on ``backbone.blocks`` during ``tokens``, so both ViT kinds share it."""
+        outputs: list[Tensor] = []
+        handles = [block.register_forward_hook(lambda module, args, output: outputs.append(output)) for block in self.backbone.blocks]
+        try:
+            self.tokens(inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return outputs
+
+    def tokens_with_mask_token(self, inputs: Tensor, mask: Tensor, mask_token: Tensor) -> Tensor:
+        """Encoder output tokens (prefix first, every patch token kept) with the patch embeddings
+        where ``mask`` (B, N) is True replaced by ``mask_token`` (D,) *before* the position
+        embeddings are added (BEiT, iBOT): the encoder knows where a patch is hidden, not what it held."""
+        raise NotImplementedError(f"{type(self).__name__} has no mask-token forward")
+
     @abstractmethod
     def fix_sincos_pos_embed(self) -> None:
         """Fixed sin-cos position embeddings (zeros for prefix tokens), frozen, as MAE and VideoMAE
@@ -105,6 +124,11 @@ class ImageViTTokens(PatchTokens):
         if keep is not None:
             prefix = vit.num_prefix_tokens
             tokens = torch.cat([tokens[:, :prefix], gather_tokens(tokens[:, prefix:], keep)], dim=1)
+        return vit.norm(vit.blocks(vit.norm_pre(tokens)))
+
+    def tokens_with_mask_token(self, inputs: Tensor, mask: Tensor, mask_token: Tensor) -> Tensor:
+        vit = self.backbone
+        tokens = vit._pos_embed(with_mask_token(vit.patch_embed(inputs), mask, mask_token))
         return vit.norm(vit.blocks(vit.norm_pre(tokens)))
 
     def pooled(self, tokens: Tensor) -> Tensor:
@@ -148,6 +172,11 @@ class VideoViTTokens(PatchTokens):
     def tokens(self, inputs: Tensor, keep: Tensor | None = None) -> Tensor:
         return self.backbone.tokens(inputs, keep)
 
+    def tokens_with_mask_token(self, inputs: Tensor, mask: Tensor, mask_token: Tensor) -> Tensor:
+        vit = self.backbone
+        embeddings = vit.patch_embed(inputs).flatten(2).transpose(1, 2)
+        return vit.norm(vit.blocks(with_mask_token(embeddings, mask, mask_token) + vit.pos_embed))
+
     def pooled(self, tokens: Tensor) -> Tensor:
         return self.backbone.forward_head(tokens, pre_logits=True)
 
@@ -155,6 +184,12 @@ class VideoViTTokens(PatchTokens):
         with torch.no_grad():
             self.backbone.pos_embed.copy_(sincos_grid(self.embed_dim, self.grid).unsqueeze(0))
         self.backbone.pos_embed.requires_grad_(False)
+
+
+def with_mask_token(embeddings: Tensor, mask: Tensor, mask_token: Tensor) -> Tensor:
+    """Patch embeddings (B, N, D), or (B, H, W, D) from a ViT that allows any input size, with
+    ``mask_token`` wherever the row-major (B, N) ``mask`` is True."""
+    return torch.where(mask.view(*embeddings.shape[:-1], 1), mask_token.to(embeddings.dtype), embeddings)
 
 
 def patch_tokens(backbone: nn.Module) -> PatchTokens:

@@ -159,8 +159,12 @@ def test_ema_momentum_follows_a_wall_clock_budget(tmp_path, clock):
 
 
 @pytest.mark.parametrize(
-    "config", ["simclr_digits.yaml", "barlow_twins_digits.yaml", "moco_v3_digits.yaml", "mae_digits.yaml", "msn_digits.yaml", "mean_teacher_digits.yaml"]
-)
+    "config",
+    [
+        "simclr_digits.yaml", "barlow_twins_digits.yaml", "vicreg_digits.yaml", "byol_digits.yaml", "moco_v3_digits.yaml", "dino_digits.yaml",
+        "mae_digits.yaml", "msn_digits.yaml", "ijepa_digits.yaml", "data2vec2_digits.yaml", "mean_teacher_digits.yaml",
+    ],
+)  # fmt: skip
 @pytest.mark.slow
 def test_every_method_trains_for_a_wall_clock_budget(tmp_path, clock, config):
     """Each method under ``--trainer.max_time`` alone: it stops when the (fake, 1 s per step) clock

@@ -1,4 +1,4 @@
-"""Single-process checks of the SSL losses against explicit formulas.
+"""Checks of the SSL losses against explicit formulas (and, for Mixed Barlow Twins, under 2-rank DDP).
 
 * NT-Xent: lightly's ``NTXentLoss(temperature, gather_distributed=True)``, exactly as
   ``ssl_kit.methods.simclr.SimCLR`` builds it, against a loop over the 2N anchors of the
@@ -6,6 +6,9 @@
 * Barlow Twins: ``ssl_kit.losses.BarlowTwinsLoss`` against a numpy implementation of the
   paper's formula, a perfectly-correlated / decorrelated input (loss ~ 0), and its relation to
   lightly's ``BarlowTwinsLoss``.
+* Mixed Barlow Twins: the regulariser against the paper's target matrices written out, weight 0
+  equal to plain Barlow Twins exactly, the method's mixup of the views, 2-rank DDP equal to one
+  process on the concatenated batch, and a CLI run.
 
 ``ssl_kit.losses.BarlowTwinsLoss`` computes in float32 (it calls ``.float()`` so that
 fp16/bf16 projector outputs are standardised in full precision); float64 inputs are therefore
@@ -206,3 +209,159 @@ def test_barlow_twins_relation_to_lightly_single_process() -> None:
         assert theirs == pytest.approx(barlow_reference(z_a.numpy(), z_b.numpy(), lam, ddof=0), rel=1e-10)
         # an unbiased (N-1) normalisation would be a measurably different loss at N = 8
         assert theirs != pytest.approx(barlow_reference(z_a.numpy(), z_b.numpy(), lam, ddof=1), rel=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# Mixed Barlow Twins (Bandara et al. 2023): the mixed-sample regulariser
+# --------------------------------------------------------------------------------------------
+def mixed_barlow_reference(z_a, z_b, z_m, mix: float, partner, lambda_param: float, weight: float, eps: float = 1e-5) -> float:
+    """The paper's regulariser written out with its target matrices: every embedding standardised
+    over the batch, C^{MA} = Z_m^T Z_a / N against mix Z_a^T Z_a / N + (1 - mix) Z_b[partner]^T Z_a / N,
+    C^{MB} = Z_m^T Z_b / N against mix Z_a^T Z_b / N + (1 - mix) Z_b[partner]^T Z_b / N; the squared
+    differences summed, times weight * lambda, added to the Barlow Twins loss."""
+    z_a, z_b, z_m = (np.asarray(z, dtype=np.float64) for z in (z_a, z_b, z_m))
+    n = z_a.shape[0]
+
+    def standardise(z: np.ndarray) -> np.ndarray:
+        return (z - z.mean(0)) / np.sqrt(z.var(0) + eps)
+
+    a, b, m = standardise(z_a), standardise(z_b), standardise(z_m)
+    shuffled = b[np.asarray(partner)]
+    c_ma, c_mb = m.T @ a / n, m.T @ b / n
+    target_ma = mix * (a.T @ a) / n + (1 - mix) * (shuffled.T @ a) / n
+    target_mb = mix * (a.T @ b) / n + (1 - mix) * (shuffled.T @ b) / n
+    regulariser = np.sum((c_ma - target_ma) ** 2) + np.sum((c_mb - target_mb) ** 2)
+    return barlow_reference(z_a, z_b, lambda_param) + weight * lambda_param * float(regulariser)
+
+
+def _mixed_triple(seed: int, n: int = 10, d: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    z_a, z_b = _random_pair(seed, n, d)
+    gen = torch.Generator().manual_seed(seed + 100)
+    partner = torch.randperm(n, generator=gen)
+    z_m = 0.3 * z_a + 0.7 * z_b[partner] + 0.5 * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    return z_a, z_b, z_m, partner
+
+
+@pytest.mark.parametrize("mix, weight, lambda_param", [(0.3, 4.0, 0.0078125), (0.8, 1.0, 0.5)])
+def test_mixed_barlow_twins_matches_the_papers_formula(mix: float, weight: float, lambda_param: float) -> None:
+    z_a, z_b, z_m, partner = _mixed_triple(6)
+    loss = BarlowTwinsLoss(lambda_param=lambda_param, mixup_weight=weight)(z_a, z_b, z_m, mix, partner).item()
+    expected = mixed_barlow_reference(z_a, z_b, z_m, mix, partner, lambda_param, weight)
+    assert loss == pytest.approx(expected, rel=1e-5)
+    assert expected > barlow_reference(z_a.numpy(), z_b.numpy(), lambda_param) + 1e-3  # the regulariser contributes
+    # the partner permutation matters (not the identity pairing)
+    assert loss != pytest.approx(mixed_barlow_reference(z_a, z_b, z_m, mix, torch.arange(10), lambda_param, weight), rel=1e-4)
+
+
+def test_mixed_barlow_twins_weight_zero_is_plain_barlow_twins_exactly() -> None:
+    z_a, z_b, z_m, partner = _mixed_triple(7)
+    plain = BarlowTwinsLoss(lambda_param=0.1)(z_a, z_b)
+    assert torch.equal(BarlowTwinsLoss(lambda_param=0.1, mixup_weight=0.0)(z_a, z_b, z_m, 0.4, partner), plain)
+
+    from ssl_kit.methods import BarlowTwins
+
+    heads = {"backbone": "resnet18", "input_spec": InputSpec.image(8), "projection_hidden_dim": 16, "projection_dim": 16}
+    torch.manual_seed(0)
+    default = BarlowTwins(**heads)
+    torch.manual_seed(0)
+    off = BarlowTwins(**heads, mixup_weight=0.0)
+    assert default.state_dict().keys() == off.state_dict().keys()
+    assert all(torch.equal(v, off.state_dict()[k]) for k, v in default.state_dict().items())
+    views = [torch.randn(6, 3, 8, 8) for _ in range(2)]
+    assert torch.equal(default.training_loss(views)[0], off.training_loss(views)[0])
+
+
+def test_barlow_twins_method_mixes_the_views_and_adds_the_regulariser() -> None:
+    from ssl_kit.methods import BarlowTwins
+
+    model = BarlowTwins(backbone="resnet18", input_spec=InputSpec.image(8), projection_hidden_dim=16, projection_dim=16, mixup_weight=4.0)
+    x_a, x_b = torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8)
+    torch.manual_seed(1)
+    x_m, mix, partner = model.mixup(x_a, x_b)
+    assert 0.0 <= mix.item() <= 1.0 and sorted(partner.tolist()) == list(range(6))
+    assert torch.allclose(x_m, mix * x_a + (1 - mix) * x_b[partner])
+
+    torch.manual_seed(1)  # training_loss draws the same mix and partner
+    loss, features = model.training_loss([x_a, x_b])
+    with torch.no_grad():  # train mode: the same batches give the same embeddings again
+        z_a, z_b, z_m = (model.projector(model.backbone(x)) for x in (x_a, x_b, x_m))
+    expected = mixed_barlow_reference(z_a, z_b, z_m, mix.item(), partner, 5e-3, 4.0)
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+    assert loss.item() > BarlowTwinsLoss()(z_a, z_b).item()
+    assert features.shape == (6, model.feature_dim)
+
+
+MIX_WORLD_SIZE, MIX_BATCH, MIX_IN, MIX_OUT = 2, 12, 5, 6
+
+
+def _mixed_ddp_problem() -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], float]:
+    """Inputs of both views, one partner permutation per rank (within its half), one mix for all."""
+    gen = torch.Generator().manual_seed(21)
+    x_a = torch.randn(MIX_BATCH, MIX_IN, generator=gen, dtype=torch.float64)
+    x_b = x_a + 0.3 * torch.randn(MIX_BATCH, MIX_IN, generator=gen, dtype=torch.float64)
+    x_a[MIX_BATCH // 2 :] = 2.0 * x_a[MIX_BATCH // 2 :] + 1.0  # different per-rank statistics
+    partners = [torch.randperm(MIX_BATCH // MIX_WORLD_SIZE, generator=gen) for _ in range(MIX_WORLD_SIZE)]
+    return x_a, x_b, partners, 0.35
+
+
+def _mixed_ddp_case(model, x_a, x_b, partner, mix) -> dict[str, torch.Tensor]:
+    linear = model.module.linear if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model.linear
+    x_m = mix * x_a + (1 - mix) * x_b[partner]
+    z_a, z_b = model(x_a, x_b)
+    z_m, _ = model(x_m, x_m)
+    loss = BarlowTwinsLoss(lambda_param=0.05, mixup_weight=4.0)(z_a, z_b, z_m, mix, partner)
+    loss.backward()
+    return {"loss": loss.detach().double(), "weight_grad": linear.weight.grad.clone(), "bias_grad": linear.bias.grad.clone()}
+
+
+def _mixed_ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    from pathlib import Path
+
+    from ddp import gloo_group, seeded_two_view_linear
+
+    with gloo_group(rank, world_size, port):
+        x_a, x_b, partners, mix = _mixed_ddp_problem()
+        half = MIX_BATCH // world_size
+        local = slice(rank * half, (rank + 1) * half)
+        model = torch.nn.parallel.DistributedDataParallel(seeded_two_view_linear(MIX_IN, MIX_OUT, seed=3))
+        results = _mixed_ddp_case(model, x_a[local], x_b[local], partners[rank], mix)
+        from ssl_kit.methods import BarlowTwins
+
+        torch.manual_seed(rank)  # different random streams: the method's mix must still be rank 0's
+        results["method_mix"] = BarlowTwins.mixup(x_a[local], x_b[local])[1]
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    from ddp import spawn_ranks
+
+    return spawn_ranks(_mixed_ddp_worker, tmp_path_factory.mktemp("mixed_barlow_ddp"), MIX_WORLD_SIZE)
+
+
+def test_mixed_barlow_twins_two_ranks_equal_one_process_on_the_global_batch(ranks: list[dict]) -> None:
+    """Each rank pairs its own samples; one process with the same pairs (block permutation) and the
+    same mix gives every rank's loss and the DDP-averaged gradients. The method draws one mix for the
+    whole global batch: rank 0's, on ranks whose random streams differ."""
+    from ddp import seeded_two_view_linear
+
+    x_a, x_b, partners, mix = _mixed_ddp_problem()
+    half = MIX_BATCH // MIX_WORLD_SIZE
+    global_partner = torch.cat([p + r * half for r, p in enumerate(partners)])
+    reference = _mixed_ddp_case(seeded_two_view_linear(MIX_IN, MIX_OUT, seed=3), x_a, x_b, global_partner, mix)
+    assert reference["weight_grad"].abs().max() > 1e-3
+    for r in ranks:
+        assert r["loss"].item() == pytest.approx(reference["loss"].item(), rel=1e-6)
+        assert torch.allclose(r["weight_grad"], reference["weight_grad"], atol=1e-5)
+        assert torch.allclose(r["bias_grad"], reference["bias_grad"], atol=1e-5)
+    torch.manual_seed(0)
+    assert [r["method_mix"].item() for r in ranks] == [torch.rand(()).item()] * MIX_WORLD_SIZE
+
+
+def test_mixed_barlow_twins_cli_run_on_digits(tmp_path) -> None:
+    from helpers import fit
+
+    cli = fit("barlow_twins_digits.yaml", tmp_path, "--trainer.max_epochs", "1", "--model.mixup_weight", "4.0",
+              "--model.projection_hidden_dim", "64", "--model.projection_dim", "64")  # fmt: skip
+    assert cli.trainer.global_step == 2 and cli.model.criterion.mixup_weight == 4.0
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -13,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from helpers import MNIST_RUN, against_random_init, fit, fresh_copy, needs_mnist
+from helpers import MNIST_RUN, against_random_init, configured_optimizer, fit, fresh_copy, needs_mnist
 from ddp import TwoViewLinear, gloo_group, seeded_two_view_linear, spawn_ranks
 from ssl_kit.inputs import InputSpec
 from ssl_kit.losses.moco import InfoNCELoss
@@ -103,7 +102,7 @@ def test_vit_position_embeddings_are_fixed_2d_sincos_in_both_encoders():
     assert not pos.requires_grad and not pos[0, 0].any()
     assert torch.equal(pos[0, 1:], sincos_grid(pos.shape[-1], (2, 2)))
     assert torch.equal(model.momentum_backbone.pos_embed, pos)
-    optimised = {id(p) for group in optimizer_of(model).param_groups for p in group["params"]}
+    optimised = {id(p) for group in configured_optimizer(model).param_groups for p in group["params"]}
     assert id(pos) not in optimised
     assert MoCoV3(backbone="vit_tiny_patch16_224", input_spec=InputSpec.image(8), fixed_pos_embed=False, **SMALL_HEADS).backbone.pos_embed.requires_grad
 
@@ -111,17 +110,6 @@ def test_vit_position_embeddings_are_fixed_2d_sincos_in_both_encoders():
 # --------------------------------------------------------------------------------------------
 # momentum encoder: no gradients, not optimised
 # --------------------------------------------------------------------------------------------
-def optimizer_of(model: MoCoV3, total_steps: int = 10) -> torch.optim.Optimizer:
-    """``configure_optimizers`` with the trainer attributes its budget reads (one epoch of ``total_steps``)."""
-    model._trainer = SimpleNamespace(
-        estimated_stepping_batches=total_steps, train_dataloader=[], num_training_batches=total_steps, accumulate_grad_batches=1
-    )
-    try:
-        return model.configure_optimizers()["optimizer"]
-    finally:
-        model._trainer = None
-
-
 @pytest.mark.parametrize(
     "backbone, image_size, extra",
     [("resnet18", 8, {}), ("vit_tiny_patch16_224", 8, {"freeze_patch_embed": True, "optimizer": "adamw"})],
@@ -139,7 +127,7 @@ def test_momentum_encoder_gets_no_gradient_and_is_in_no_optimizer_group(backbone
     assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.backbone.parameters())
     assert all(p.grad is not None for p in model.predictor.parameters())
 
-    optimizer = optimizer_of(model)
+    optimizer = configured_optimizer(model)
     optimised = [p for group in optimizer.param_groups for p in group["params"]]
     optimised_ids = {id(p) for p in optimised}
     assert len(optimised_ids) == len(optimised)  # no parameter twice

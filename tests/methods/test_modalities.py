@@ -22,6 +22,11 @@ AUDIO_CONFIGS = [
     "msn_synthetic_audio.yaml",
     "mae_synthetic_audio.yaml",
     "mean_teacher_synthetic_audio.yaml",
+    "data2vec2_synthetic_audio.yaml",
+    "byol_synthetic_audio.yaml",
+    "vicreg_synthetic_audio.yaml",
+    "ijepa_synthetic_audio.yaml",
+    "dino_synthetic_audio.yaml",
 ]
 VIDEO_CONFIGS = [
     "barlow_twins_moving_digits.yaml",
@@ -29,6 +34,11 @@ VIDEO_CONFIGS = [
     "msn_moving_digits.yaml",
     "mae_moving_digits.yaml",
     "mean_teacher_moving_digits.yaml",
+    "data2vec2_moving_digits.yaml",
+    "byol_moving_digits.yaml",
+    "vicreg_moving_digits.yaml",
+    "ijepa_moving_digits.yaml",
+    "dino_moving_digits.yaml",
 ]
 
 
