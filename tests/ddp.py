@@ -32,6 +32,17 @@ def seeded_two_view_linear(in_dim: int, out_dim: int, seed: int) -> TwoViewLinea
     return TwoViewLinear(in_dim, out_dim).double()
 
 
+def two_view_batch(global_batch: int, in_dim: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Two float64 views of one seeded batch whose second half is scaled and shifted, so each
+    rank's half has other statistics than the whole batch (local and global statistics differ)."""
+    gen = torch.Generator().manual_seed(seed)
+    x_a = torch.randn(global_batch, in_dim, generator=gen, dtype=torch.float64)
+    x_b = x_a + 0.3 * torch.randn(global_batch, in_dim, generator=gen, dtype=torch.float64)
+    x_a[global_batch // 2 :] = 2.0 * x_a[global_batch // 2 :] + 1.0
+    x_b[global_batch // 2 :] = 2.0 * x_b[global_batch // 2 :] + 1.0
+    return x_a, x_b
+
+
 @contextlib.contextmanager
 def gloo_group(rank: int, world_size: int, port: int) -> Iterator[None]:
     """A gloo process group on the loopback for the body of the ``with`` (one torch thread)."""

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ddp import TwoViewLinear, gloo_group, seeded_two_view_linear, spawn_ranks
+from ddp import TwoViewLinear, gloo_group, seeded_two_view_linear, spawn_ranks, two_view_batch
 
 from ssl_kit.inputs import InputSpec
 
@@ -48,13 +48,7 @@ def make_model() -> TwoViewLinear:
 
 
 def make_data() -> tuple[Tensor, Tensor]:
-    gen = torch.Generator().manual_seed(99)
-    x_a = torch.randn(GLOBAL_BATCH, IN_DIM, generator=gen, dtype=torch.float64)
-    x_b = x_a + 0.3 * torch.randn(GLOBAL_BATCH, IN_DIM, generator=gen, dtype=torch.float64)
-    # different per-rank statistics, so local and global standardisation really differ
-    x_a[GLOBAL_BATCH // 2 :] = 2.0 * x_a[GLOBAL_BATCH // 2 :] + 1.0
-    x_b[GLOBAL_BATCH // 2 :] = 2.0 * x_b[GLOBAL_BATCH // 2 :] + 1.0
-    return x_a, x_b
+    return two_view_batch(GLOBAL_BATCH, IN_DIM, seed=99)
 
 
 def make_criterion(name: str) -> nn.Module:

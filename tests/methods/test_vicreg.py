@@ -13,7 +13,7 @@ import torch.distributed as dist
 from lightly.loss import VICRegLoss as LightlyVICRegLoss
 from torch import Tensor, nn
 
-from ddp import gloo_group, seeded_two_view_linear, spawn_ranks
+from ddp import gloo_group, seeded_two_view_linear, spawn_ranks, two_view_batch
 from helpers import MNIST_RUN, against_random_init, fit, needs_mnist
 from ssl_kit.inputs import InputSpec
 from ssl_kit.losses import VICRegLoss
@@ -104,13 +104,7 @@ CASES = {"ours": VICRegLoss, "lightly": lambda: LightlyVICRegLoss(gather_distrib
 
 
 def make_data() -> tuple[Tensor, Tensor]:
-    gen = torch.Generator().manual_seed(11)
-    x_a = torch.randn(GLOBAL_BATCH, IN_DIM, generator=gen, dtype=torch.float64)
-    x_b = x_a + 0.3 * torch.randn(GLOBAL_BATCH, IN_DIM, generator=gen, dtype=torch.float64)
-    # different per-rank statistics, so local and global variances really differ
-    x_a[GLOBAL_BATCH // 2 :] = 2.0 * x_a[GLOBAL_BATCH // 2 :] + 1.0
-    x_b[GLOBAL_BATCH // 2 :] = 2.0 * x_b[GLOBAL_BATCH // 2 :] + 1.0
-    return x_a, x_b
+    return two_view_batch(GLOBAL_BATCH, IN_DIM, seed=11)
 
 
 def run_case(criterion: nn.Module, model: nn.Module, x_a: Tensor, x_b: Tensor) -> dict[str, Tensor]:
