@@ -15,10 +15,12 @@ import pytest
 from PIL import Image
 
 from ssl_kit.bench.report import summarize, write_report
+from ssl_kit.bench.report.summary import gain_text
 from ssl_kit.bench.store import Result, ResultStore
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
-METHODS = (("simclr", "resnet18"), ("byol", "resnet18"), ("mae", "vit_tiny"))
+# (method, backbone, base accuracy): random init exists for resnet18 only, so mae has no gain.
+METHODS = (("simclr", "resnet18", 0.60), ("byol", "resnet18", 0.70), ("mae", "vit_tiny", 0.80), ("Random init", "resnet18", 0.55))
 DATASETS = ("digits", "fsdd")
 PROTOCOLS = ("linear", "knn")
 # Per seed: mean + offset x spread, so the mean is the base (not the median) and the sample std
@@ -116,15 +118,15 @@ def percent(mean: float, std: float) -> str:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict[str, Path]:
-    """A store of 3 methods x 2 datasets x 2 protocols x 3 seeds with known values, and its report.
-    Accuracy = 0.60 + 0.10 method + 0.05 dataset + 0.02 protocol, spread 0.01 (method + 1)."""
+    """A store of 4 methods x 2 datasets x 2 protocols x 3 seeds with known values, and its report.
+    Accuracy = base + 0.05 dataset + 0.02 protocol, spread 0.01 (method + 1)."""
     root = tmp_path_factory.mktemp("report")
     store = ResultStore(root / "results.sqlite")
-    for m, (method, backbone) in enumerate(METHODS):
+    for m, (method, backbone, base) in enumerate(METHODS):
         for d, dataset in enumerate(DATASETS):
             for p, protocol in enumerate(PROTOCOLS):
                 for seed, offset in enumerate(OFFSETS):
-                    value = 0.60 + 0.10 * m + 0.05 * d + 0.02 * p + offset * 0.01 * (m + 1)
+                    value = base + 0.05 * d + 0.02 * p + offset * 0.01 * (m + 1)
                     cell = f"{method}-{dataset}-{protocol}-{seed}"
                     fields = dict(method=method, backbone=backbone, dataset=dataset, protocol=protocol, seed=seed, config={"seed": seed})
                     store.add([result("suite", cell, value=value, wall_time_s=100.0 * (m + 1) + seed, epochs=10.0 * (m + 1), throughput=50.0 * (m + 1), **fields)])
@@ -144,24 +146,41 @@ DESCRIPTION = "A test suite <on> two datasets.\n\nMade by `python -m ssl_kit.ben
 
 def test_markdown_leaderboard(report):
     text = report["markdown"].read_text()
-    assert text.startswith("# Benchmark leaderboard\n\n" + DESCRIPTION + "\n\n## ")
-    digits, fsdd = text.split("## digits")[1].split("## fsdd")
-    header = "| method (backbone) | linear top1 | knn top1 |"
-    # Ranked by the first protocol; spreads 0.01, 0.02, 0.03 give sample stds 1.7, 3.5, 5.2 %.
+    assert text.startswith("# Benchmark leaderboard\n\n## At a glance\n\n- digits: above random init on every protocol")
+    glance, digits, fsdd = text.split("## digits")[0], *text.split("## digits")[1].split("## fsdd")
+    assert "byol (resnet18) +15.0, simclr (resnet18) +5.0; no random-init row to compare with: mae (vit_tiny)." in glance
+    header = "| method (backbone) | linear top1 | knn top1 | budget |"
+    # Ranked by the first protocol; spreads 0.01, 0.02, 0.03, 0.04 give sample stds 1.7, 3.5, 5.2, 6.9 %;
+    # gains are over random init of the same backbone (55.0 and 57.0 on digits), the best cell is bold.
     assert [line for line in digits.splitlines() if line.startswith("| ")] == [
         header,
-        "| mae (vit_tiny) | 80.0 ± 5.2 | 82.0 ± 5.2 |",
-        "| byol (resnet18) | 70.0 ± 3.5 | 72.0 ± 3.5 |",
-        "| simclr (resnet18) | 60.0 ± 1.7 | 62.0 ± 1.7 |",
+        "| mae (vit_tiny) | **80.0 ± 5.2**, no random-init row for this backbone | **82.0 ± 5.2**, no random-init row for this backbone | 5.0 min, 30 epochs |",
+        "| byol (resnet18) | 70.0 ± 3.5, Δ +15.0 | 72.0 ± 3.5, Δ +15.0 | 3.4 min, 20 epochs |",
+        "| simclr (resnet18) | 60.0 ± 1.7, Δ +5.0 | 62.0 ± 1.7, Δ +5.0 | 1.7 min, 10 epochs |",
+        "| Random init (resnet18) | 55.0 ± 6.9 | 57.0 ± 6.9 | 6.7 min, 40 epochs |",
     ]
-    assert "| simclr (resnet18) | 65.0 ± 1.7 | 67.0 ± 1.7 |" in fsdd and "| mae (vit_tiny) | 85.0 ± 5.2 | 87.0 ± 5.2 |" in fsdd
-    assert text.count("Mean ± std over 3 seeds") == 2
+    assert "| simclr (resnet18) | 65.0 ± 1.7, Δ +5.0 | 67.0 ± 1.7, Δ +5.0 |" in fsdd and "![fsdd](fsdd.png)" in fsdd
+    assert text.count("Mean ± std over 3 seeds") == 2 and "Δ: the gain over random-init features" in text
+    assert text.index("## fsdd") < text.index("## About this suite\n\n" + DESCRIPTION)
     assert "final checkpoint" in text and "never on the test set" in text
     assert git_head() in text and "- Suites: `suite`" in text and "torch 2." in text and "- Hardware: `" in text
 
 
+def test_gain_is_mean_minus_random_init_of_the_same_backbone():
+    rows = [
+        vars(result(method=method, backbone=backbone, seed=seed, value=value))
+        for method, backbone, values in (("Random init", "resnet18", (0.40, 0.44)), ("simclr", "resnet18", (0.51, 0.53)), ("mae", "vit", (0.7, 0.7)))
+        for seed, value in enumerate(values)
+    ]
+    random_init, mae, simclr = summarize(rows)
+    assert simclr["gain"] == pytest.approx(0.52 - 0.42) and simclr["gain_std"] == pytest.approx(math.hypot(simclr["std"], random_init["std"]))
+    assert (random_init["gain"], random_init["has_reference"], gain_text(random_init)) == (None, True, "")
+    assert (mae["gain"], mae["has_reference"], gain_text(mae)) == (None, False, "no random-init row for this backbone")
+    assert gain_text(simclr) == "+10.0" and gain_text({**simclr, "gain": -0.031}) == "−3.1"
+
+
 def test_plots_are_png(report):
-    for name in ("accuracy", "accuracy_vs_time"):
+    for name in DATASETS:
         assert report[name].name == f"{name}.png"
         with Image.open(report[name]) as image:
             assert image.format == "PNG" and image.width > 300 and image.height > 200
@@ -170,11 +189,32 @@ def test_plots_are_png(report):
 
 def test_html_is_self_contained(report):
     page = report["html"].read_text()
-    assert '<table id="leaderboard">' in page and page.count("<tr>") == 1 + 3 * 2 * 2
-    assert page.count('src="data:image/png;base64,') == 2
+    flat = page.split('<table id="leaderboard">')[1].split("</table>")[0]
+    assert flat.count("<tr>") == 1 + 4 * 2 * 2 and "Gain over random init" in flat
+    assert page.count('<table class="pivot">') == 2 and page.count('src="data:image/png;base64,') == 2
+    assert '<td class="num best">80.0 ± 5.2 <span class="gain none">no random-init row for this backbone</span></td>' in page
+    assert '<td class="num">70.0 ± 3.5 <span class="gain up">Δ +15.0</span></td>' in page
     assert "http://" not in page and "https://" not in page and "<link" not in page
-    assert percent(80.0, 5.2) in page and "Provenance" in page and "suite" in page
+    assert "Provenance" in page and "suite" in page
+    assert page.index("<h2>At a glance</h2>") < page.index('<table class="pivot">') < page.index("<h2>About this suite</h2>") < page.index('<table id="leaderboard">')
     assert "<p>A test suite &lt;on&gt; two datasets.</p><p>Made by `python -m ssl_kit.bench" in page
+
+
+def test_committed_reports_render_without_warnings(tmp_path):
+    """Every committed suite's store renders (pivots, figures) with warnings as errors."""
+    import warnings
+
+    import yaml
+
+    suites = sorted(Path(__file__).parents[2].glob("benchmarks/leaderboard*.yaml"))
+    assert suites
+    for suite in suites:
+        config = yaml.safe_load(suite.read_text())
+        store = Path(__file__).parents[2] / config["store"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            paths = write_report(store, tmp_path / suite.stem, suite=config["name"], description=config["description"])
+        assert "Random init" in paths["markdown"].read_text() and len(paths) > 2
 
 
 def test_report_errors_name_the_store(tmp_path, report):
@@ -200,23 +240,31 @@ def browser() -> str | None:
 
 def means(dom: str) -> list[float]:
     """The leaderboard's mean column (data-v of the first numeric cell of each body row)."""
-    body = dom.split("<tbody>")[1].split("</tbody>")[0]
+    body = dom.split('<table id="leaderboard">')[1].split("<tbody>")[1].split("</tbody>")[0]
     return [float(v) for v in re.findall(r'<tr>(?:<td>[^<]*</td>)*<td class="num" data-v="([^"]+)"', body)]
 
 
 def test_html_in_headless_chromium(report, tmp_path):
-    """The page loads in a real browser, shows the table, and its script sorts it (#sort=...)."""
+    """The page loads in a real browser, shows the pivots and the table, its script sorts the table
+    (#sort=...), and a screenshot of its first screen shows the first pivot."""
     found = browser()
     if found is None:
         pytest.skip(f"no headless browser ({', '.join(BROWSERS)}) on PATH; install one, e.g. `apt-get install chromium`")
     url = report["html"].resolve().as_uri() + "#sort=mean:desc"
-    command = [found, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", url]
-    dom = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
+    command = [found, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*command, "--dump-dom", url], capture_output=True, text=True, timeout=60, check=True).stdout
+    shot = tmp_path / "first_screen.png"
+    subprocess.run([*command, f"--screenshot={shot}", "--window-size=1280,900", url], capture_output=True, timeout=60, check=True)
+    with Image.open(shot) as image:
+        # Below the title and the at-a-glance list, the first pivot's header row (grey) is on screen.
+        assert image.size == (1280, 900)
+        greys = image.convert("RGB").getcolors(maxcolors=1 << 20)
+        assert any(color == (0xF3, 0xF3, 0xF3) and count > 10_000 for count, color in greys)
 
-    assert '<table id="leaderboard">' in dom and dom.count("<tr>") == 1 + 3 * 2 * 2
+    assert '<table id="leaderboard">' in dom and '<table class="pivot">' in dom and '<span class="gain up">Δ +15.0</span>' in dom
     assert percent(87.0, 5.2) in dom and percent(60.0, 1.7) in dom
     unsorted = means(report["html"].read_text())
-    assert len(unsorted) == 12 and unsorted != sorted(unsorted, reverse=True)
+    assert len(unsorted) == 16 and unsorted != sorted(unsorted, reverse=True)
     assert means(dom) == sorted(unsorted, reverse=True)  # the script ran and sorted by the hash
     assert re.search(r'<th data-key="mean" data-numeric="true" aria-sort="descending">', dom)
 

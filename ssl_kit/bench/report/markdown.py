@@ -4,32 +4,41 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ssl_kit.bench.report.summary import RULES, column_name, dataset_boards, percent, provenance_of, summarize
+from ssl_kit.bench.report.summary import RULES, at_a_glance, board_note, best_means, budget_text, column_name, dataset_boards, gain_label, percent, provenance_of, summarize
 
 
 def markdown(rows: list[dict], description: str = "", plots: dict[str, Path] | None = None) -> str:
-    """The leaderboard: the suite's description, a table per dataset (methods x protocols), the
-    plots (``plots``: PNGs in the same folder), then the rules and provenance."""
-    lines = ["# Benchmark leaderboard"] + (["", description.strip()] if description.strip() else [])
-    for dataset, (columns, ranked) in dataset_boards(summarize(rows)).items():
+    """The leaderboard: a sentence per dataset on what beats random init, a pivot per dataset
+    (methods x protocols, gain over random init, budget) with its figure (``plots``: dataset ->
+    PNG in the same folder), then the suite's description, the rules and provenance."""
+    boards = dataset_boards(summarize(rows))
+    lines = ["# Benchmark leaderboard", "", "## At a glance", ""] + [f"- {at_a_glance(dataset, board)}" for dataset, board in boards.items()]
+    for dataset, (columns, ranked) in boards.items():
         seeds = {entry["n"] for _, row in ranked for entry in row.values()}
+        best = best_means(columns, ranked)
         lines += [
             "",
             f"## {dataset}",
             "",
-            "| method (backbone) | " + " | ".join(map(column_name, columns)) + " |",
-            "|---|" + "---:|" * len(columns),
+            "| method (backbone) | " + " | ".join(map(column_name, columns)) + " | budget |",
+            "|---|" + "---:|" * len(columns) + "---|",
         ]
 
         def cell(entry: dict | None) -> str:
             # With unequal seed counts the number of seeds moves from the footnote into the cells.
             if entry is None:
                 return "–"
-            return percent(entry) + (f" (n={entry['n']})" if len(seeds) > 1 else "")
+            value = percent(entry) + (f" (n={entry['n']})" if len(seeds) > 1 else "")
+            value = f"**{value}**" if entry["mean"] == best[(entry["protocol"], entry["metric"])] else value
+            gain = gain_label(entry)
+            return f"{value}, {gain}" if gain else value
 
-        lines += [f"| {label} | " + " | ".join(cell(row.get(c)) for c in columns) + " |" for label, row in ranked]
-        lines += ["", f"Mean ± std over {seeds.pop()} seeds, in %." if len(seeds) == 1 else "Mean ± std over n seeds (in brackets), in %."]
-    lines += [line for name, path in (plots or {}).items() for line in ("", f"![{name}]({Path(path).name})")]
+        lines += [f"| {label} | " + " | ".join(cell(row.get(c)) for c in columns) + f" | {budget_text(row)} |" for label, row in ranked]
+        lines += ["", board_note(ranked)]
+        if plots and dataset in plots:
+            lines += ["", f"![{dataset}]({Path(plots[dataset]).name})"]
+    if description.strip():
+        lines += ["", "## About this suite", "", description.strip()]
     lines += ["", "---", "", RULES, ""]
     lines += [f"- {name}: " + "; ".join(f"`{v}`" for v in values) for name, values in provenance_of(rows).items()]
     return "\n".join(lines) + "\n"

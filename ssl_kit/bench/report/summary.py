@@ -1,15 +1,20 @@
-"""The store's rows aggregated for the reports: mean ± sample std over seeds per cell, the
-per-dataset boards (methods x protocols), the time-to-accuracy curves and the provenance."""
+"""The store's rows aggregated for the reports: mean ± sample std over seeds per cell, the gain
+over random-init features of the same backbone, the per-dataset boards (methods x protocols), the
+time-to-accuracy curves and the provenance."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from math import hypot
 from statistics import fmean, stdev
 
 KEY = ("dataset", "protocol", "method", "backbone", "metric")
 #: Test kNN of snapshots during pretraining (metric ``top1@<seconds>s``): plotted against time, not tabled.
 CURVE = "knn_curve"
+#: The method name of suite entries that evaluate a backbone without pretraining: the yardstick
+#: every other row of the same backbone is measured against.
+RANDOM_INIT = "Random init"
 PROTOCOL_ORDER = ("linear", "knn", "fine_tune", "few_label")
 RULES = (
     "Every number comes from the final checkpoint of its run (no early stopping, no checkpoint picking), "
@@ -22,25 +27,75 @@ Board = tuple[list[Column], list[tuple[str, dict[Column, dict]]]]  # columns, ra
 
 
 def summarize(rows: Iterable[dict]) -> list[dict]:
-    """One entry per (dataset, protocol, method, backbone, metric), aggregated over seeds."""
+    """One entry per (dataset, protocol, method, backbone, metric), aggregated over seeds (or
+    cross-validation folds: ``spread``), with its gain over random init (``add_gains``)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
         groups[tuple(row[k] for k in KEY)].append(row)
     summary = []
     for key in sorted(groups, key=lambda key: (key[0], protocol_rank(key[1]), *key[1:])):
         group = groups[key]
-        values = [row["value"] for row in group]
         summary.append(
             {
                 **dict(zip(KEY, key)),
-                "mean": fmean(values),
-                "std": stdev(values) if len(values) > 1 else 0.0,
-                "n": len(values),
-                "seeds": sorted(row["seed"] for row in group),
+                **spread(group, key),
                 **{field: mean_known(row[field] for row in group) for field in ("wall_time_s", "epochs", "throughput")},
             }
         )
+    add_gains(summary)
     return summary
+
+
+def spread(group: list[dict], key: tuple) -> dict:
+    """``mean``, ``std``, ``n`` (seeds), ``seeds`` and ``folds`` of one group's rows: the mean ±
+    sample std over seeds or, for cross-validation rows (``fold`` set), over folds, a fold's value
+    being the mean over its seeds (one test fold is one estimate, however many seeds ran on it)."""
+    by_fold: dict[str | None, list[float]] = defaultdict(list)
+    for row in group:
+        by_fold[row.get("fold")].append(row["value"])
+    if None in by_fold and len(by_fold) > 1:
+        raise ValueError(f"the rows of {key} mix cross-validation folds and a fixed split: give the cross-validated entry its own dataset name")
+    folds = sorted((fold for fold in by_fold if fold is not None), key=fold_order)
+    values = [fmean(by_fold[fold]) for fold in folds] if folds else by_fold[None]
+    seeds = sorted({row["seed"] for row in group}) if folds else sorted(row["seed"] for row in group)
+    return {"mean": fmean(values), "std": stdev(values) if len(values) > 1 else 0.0, "n": len(seeds), "seeds": seeds, "folds": folds}
+
+
+def fold_order(fold: str) -> tuple:
+    """Numbered folds in numeric order (2 before 10), then named ones (speakers) by name."""
+    return (not fold.isdigit(), int(fold) if fold.isdigit() else 0, fold)
+
+
+def add_gains(summary: list[dict]) -> None:
+    """Sets ``gain`` (mean minus the random-init mean of the same dataset, protocol, metric and
+    backbone) and ``gain_std`` (the two stds combined as for a difference of independent means) on
+    every entry; both are None on random-init entries and where the backbone has no random-init
+    row (``has_reference`` tells the two apart)."""
+    references = {reference_key(e): e for e in summary if e["method"] == RANDOM_INIT}
+    for entry in summary:
+        reference = references.get(reference_key(entry))
+        entry["has_reference"] = reference is not None
+        known = reference is not None and entry["method"] != RANDOM_INIT
+        entry["gain"] = entry["mean"] - reference["mean"] if known else None
+        entry["gain_std"] = hypot(entry["std"], reference["std"]) if known else None
+
+
+def reference_key(entry: dict) -> tuple:
+    return entry["dataset"], entry["protocol"], entry["metric"], entry["backbone"]
+
+
+def gain_text(entry: dict) -> str:
+    """The gain in points, signed with a true minus (−); empty on random-init entries."""
+    if entry["method"] == RANDOM_INIT:
+        return ""
+    if entry["gain"] is None:
+        return "no random-init row for this backbone"
+    return f"{100 * entry['gain']:+.1f}".replace("-", "−")
+
+
+def gain_label(entry: dict) -> str:
+    """The gain as the pivots show it beside a cell: ``Δ +17.4``."""
+    return f"Δ {gain_text(entry)}" if entry["gain"] is not None else gain_text(entry)
 
 
 def protocol_rank(protocol: str) -> tuple[int, str]:
@@ -120,3 +175,61 @@ def curves(rows: Iterable[dict]) -> dict[str, dict[str, list[tuple[float, float,
         }
         for dataset, by_label in sorted(points.items())
     }
+
+
+def best_means(columns: list[Column], ranked: list[tuple[str, dict[Column, dict]]]) -> dict[Column, float]:
+    """The highest mean of each column (the cell a report marks as best)."""
+    return {column: max(row[column]["mean"] for _, row in ranked if column in row) for column in columns}
+
+
+def budget_text(row: dict[Column, dict]) -> str:
+    """The cost of a board row: mean wall time per cell (pretraining and evaluation) and epochs."""
+    wall_time = mean_known(entry["wall_time_s"] for entry in row.values())
+    epochs = mean_known(entry["epochs"] for entry in row.values())
+    parts = ([f"{wall_time / 60:.1f} min"] if wall_time is not None else []) + ([plural(round(epochs, 1), "epoch")] if epochs is not None else [])
+    return ", ".join(parts) or "–"
+
+
+def at_a_glance(dataset: str, board: Board) -> str:
+    """One sentence per dataset that answers "which methods beat random init, by how much": rows
+    above it on every protocol with their smallest gain, rows below it on some protocol with the
+    worst, rows without a random-init row of their backbone."""
+    columns, ranked = board
+    above, below, unknown = [], [], []
+    for label, row in ranked:
+        entries = [row[c] for c in columns if c in row and row[c]["method"] != RANDOM_INIT]
+        if not entries:
+            continue
+        gains = [(e["gain"], column_name(column_of(e))) for e in entries if e["gain"] is not None]
+        if not gains:
+            unknown.append(label)
+            continue
+        worst, where = min(gains)
+        text = f"{100 * worst:+.1f}".replace("-", "−")
+        (above if worst > 0 else below).append(f"{label} {text}" if worst > 0 else f"{label} ({where} {text})")
+    parts = [f"above random init on every protocol (smallest gain, points): {', '.join(above)}"] if above else []
+    parts += [f"at or below it on some protocol: {', '.join(below)}"] if below else []
+    parts += [f"no random-init row to compare with: {', '.join(unknown)}"] if unknown else []
+    return f"{dataset}: " + ("; ".join(parts) if parts else "no rows to compare") + "."
+
+
+def slug(dataset: str) -> str:
+    """A file-name-safe form of a dataset name (``CIFAR10 (60 min)`` -> ``cifar10_60_min``)."""
+    return "_".join("".join(c if c.isalnum() else " " for c in dataset.lower()).split()) or "dataset"
+
+
+def plural(count: float, noun: str) -> str:
+    return f"{count:g} {noun}" + ("" if count == 1 else "s")
+
+
+def board_note(ranked: list[tuple[str, dict[Column, dict]]]) -> str:
+    """The footnote of a dataset's pivot (Markdown and HTML say the same)."""
+    seeds = {entry["n"] for _, row in ranked for entry in row.values()}
+    over = plural(seeds.pop(), "seed") if len(seeds) == 1 else "n seeds (in brackets)"
+    folds = {len(entry["folds"]) for _, row in ranked for entry in row.values()}
+    if folds != {0}:  # cross-validation: a fold's value is the mean over its seeds
+        over = (plural(folds.pop(), "fold") if len(folds) == 1 else "the folds") + f" (each the test split once) of {over}"
+    return (
+        f"Mean ± std over {over}, in %. Δ: the gain over random-init features of the same backbone, in points; "
+        "best per column in bold. Budget: wall time per cell (pretraining and evaluation) and pretraining epochs."
+    )
