@@ -60,7 +60,13 @@ class Entry:
     ``.ckpt`` of the same config). ``protocols`` narrows the suite's protocols for this entry,
     ``seeds`` its seeds. ``pipeline: lightly`` trains lightly's documented pipeline of ``reference``
     (a method name; see ``ssl_kit.bench.lightly_reference``) instead, on the config's backbone,
-    data and Trainer budget."""
+    data and Trainer budget.
+
+    ``folds``: cross-validation. The entry runs once per fold and seed, with ``<fold_arg> <fold>``
+    after its args (``--data.fold K``: ESC-50 and fold-numbered AudioFolders; FSDD's speakers:
+    ``fold_arg: --data.test_speaker`` with ``--data.split speaker``), so that fold is the test split
+    of its DataModule and pretraining and probes train on the others; each fold's rows carry it, and
+    the report gives the mean ± std over folds."""
 
     method: str
     dataset: str
@@ -71,17 +77,27 @@ class Entry:
     seeds: list[int] | None = None
     pipeline: Literal["ssl_kit", "lightly"] = "ssl_kit"
     reference: str | None = None
+    folds: list[int | str] | None = None
+    fold_arg: str = "--data.fold"
 
 
 #: Entry fields added after stores were written: at these values they stay out of a cell's key, so
-#: stored cells keep theirs (``seeds`` never enters: the cell's own seed does).
-LATER_FIELDS = {"pipeline": "ssl_kit", "reference": None}
+#: stored cells keep theirs (``seeds`` and ``folds`` never enter: the cell's own seed and fold do).
+LATER_FIELDS = {"pipeline": "ssl_kit", "reference": None, "fold_arg": "--data.fold"}
+#: Protocol settings added after stores were written, at the value every earlier row had: written
+#: out in a suite, they stay out of its cells' keys too (``few_label``'s choice on the whole val split).
+LATER_PROTOCOL_SETTINGS = {"few_label": {"selection": "val"}}
 
 
-def cell_key(suite: str, entry: Entry, seed: int, protocols: dict[str, dict[str, Any]]) -> str:
+def cell_key(suite: str, entry: Entry, seed: int, protocols: dict[str, dict[str, Any]], fold: int | str | None = None) -> str:
     """Stable id of a cell: changes whenever anything that shapes its numbers changes."""
-    fields_ = {k: v for k, v in asdict(entry).items() if k != "seeds" and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
-    payload = json.dumps({"suite": suite, "entry": fields_, "seed": seed, "protocols": protocols}, sort_keys=True)
+    fields_ = {k: v for k, v in asdict(entry).items() if k not in ("seeds", "folds") and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+    keyed = {
+        name: {k: v for k, v in settings.items() if (k, v) not in LATER_PROTOCOL_SETTINGS.get(name, {}).items()}
+        for name, settings in protocols.items()
+    }
+    cell = {"suite": suite, "entry": fields_, "seed": seed, "protocols": keyed} | ({"fold": fold} if fold is not None else {})
+    payload = json.dumps(cell, sort_keys=True)
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
 
@@ -96,16 +112,21 @@ def jsonable(value: Any) -> Any:
 
 
 class Cell:
-    """One entry x seed: pretrain (or load), extract, evaluate; returns the store rows."""
+    """One entry x seed (x fold): pretrain (or load), extract, evaluate; returns the store rows."""
 
-    def __init__(self, suite: str, entry: Entry, seed: int, protocols: dict[str, dict[str, Any]], root: Path) -> None:
-        self.suite, self.entry, self.seed, self.protocols = suite, entry, seed, protocols
-        self.key = cell_key(suite, entry, seed, protocols)
+    def __init__(
+        self, suite: str, entry: Entry, seed: int, protocols: dict[str, dict[str, Any]], root: Path, fold: int | str | None = None
+    ) -> None:
+        self.suite, self.entry, self.seed, self.protocols, self.fold = suite, entry, seed, protocols, fold
+        self.key = cell_key(suite, entry, seed, protocols, fold)
         self.root = root / suite / self.key
+
+    def __str__(self) -> str:
+        return f"{self.entry.method} on {self.entry.dataset}, seed {self.seed}" + (f", fold {self.fold}" if self.fold is not None else "")
 
     def fit_args(self) -> list[str]:
         return [
-            "--config", self.entry.config, *self.entry.args,
+            "--config", self.entry.config, *self.entry.args, *([self.entry.fold_arg, str(self.fold)] if self.fold is not None else []),
             "--seed_everything", str(self.seed), "--trainer.default_root_dir", str(self.root),
         ]  # fmt: skip
 
@@ -124,7 +145,7 @@ class Cell:
         last = resume_checkpoint(self.root / "checkpoints")
         done_before = read_checkpoint(last)["global_step"] if last is not None else 0
         if last is not None:
-            log.warning("cell %s (%s on %s, seed %d): resuming from %s", self.key, self.entry.method, self.entry.dataset, self.seed, last)
+            log.warning("cell %s (%s): resuming from %s", self.key, self, last)
         start = time.perf_counter()
         data = cli.datamodule if loader is None else None
         cli.trainer.fit(module, datamodule=data, train_dataloaders=loader, ckpt_path=last)
@@ -164,7 +185,7 @@ class Cell:
                 suite=self.suite, cell=self.key, method=self.entry.method, dataset=self.entry.dataset,
                 backbone=backbone_label(model.hparams.backbone, model.hparams.get("backbone_kwargs")), protocol=protocol, metric=metric, value=value, seed=self.seed,
                 config={"fit": resolved, "pipeline": self.entry.pipeline, "protocol": {**self.protocols.get(protocol, {}), **chosen.get(protocol, {})}},
-                wall_time_s=wall_time, throughput=throughput, epochs=epochs,
+                wall_time_s=wall_time, throughput=throughput, epochs=epochs, fold=None if self.fold is None else str(self.fold),
             )  # fmt: skip
             for (protocol, metric), value in values.items()
         ]
@@ -182,11 +203,14 @@ class Cell:
             (metrics,) = cli.trainer.test(model, datamodule=data, verbose=False)
             values["few_label", "top1"] = float(metrics["test/acc"])
         frozen = [p for p in wanted if p in FROZEN_FEATURE_PROTOCOLS and not (self_training and p == "few_label")]
-        if frozen:
-            features = extract_splits(network, data, ["train", "val", "test"], trainer_kwargs)
-            for protocol in frozen:
-                value, choice = FROZEN_FEATURE_PROTOCOLS[protocol](features, data, self.seed, **self.protocols.get(protocol, {}))
-                values[protocol, "top1"], chosen[protocol] = value, choice
+        extracted: dict[Any, dict[str, P.FeatureSet]] = {}  # by what reads them: the network itself (None), or PROTOCOL_FEATURES'
+        for protocol in frozen:
+            reader = PROTOCOL_FEATURES.get(protocol)
+            if reader not in extracted:
+                extracted[reader] = extract_splits(network if reader is None else reader(network), data, ["train", "val", "test"], trainer_kwargs)
+            features = extracted[reader]
+            value, choice = FROZEN_FEATURE_PROTOCOLS[protocol](features, data, self.seed, **self.protocols.get(protocol, {}))
+            values[protocol, features["test"].metric], chosen[protocol] = value, choice  # top1, or mAP on multi-label data
         if "fine_tune" in wanted:
             values["fine_tune", "top1"] = P.fine_tune(
                 network, data, data.num_classes, seed=self.seed, trainer_kwargs=trainer_kwargs, **self.protocols.get("fine_tune", {})
@@ -194,6 +218,9 @@ class Cell:
         if "knn_curve" in wanted:
             for seconds, value in knn_curve(network, data, self.root / "snapshots", trainer_kwargs, **self.protocols["knn_curve"]).items():
                 values["knn_curve", f"top1@{seconds:g}s"] = value
+        if "segmentation" in wanted:
+            result = P.linear_segmentation(network, data.input_spec, seed=self.seed, **self.protocols.get("segmentation", {}))
+            values["segmentation", "miou"], chosen["segmentation"] = result.test_miou, result.chosen
         return values, chosen
 
 
@@ -214,7 +241,7 @@ def knn_curve(
     datasets = {"bank": Transformed(train, indices=indices), "test": data.labeled_dataset("test")}
     curve = {}
     for seconds, snapshot in snapshot_networks(network, folder):
-        features = extract_datasets(snapshot, data, datasets, trainer_kwargs)
+        features = extract_datasets(snapshot, data, datasets, trainer_kwargs, views={"test": data.test_views})
         curve[seconds] = P.knn(features["bank"], features["test"], data.num_classes, k, temperature)
     return curve
 
@@ -235,8 +262,11 @@ def _few_label(features, data, seed: int, **settings) -> tuple[float, dict]:
     return result.test_top1, result.chosen
 
 
-FROZEN_FEATURE_PROTOCOLS = {"linear": _linear, "knn": _knn, "few_label": _few_label}
-KNOWN_PROTOCOLS = {*FROZEN_FEATURE_PROTOCOLS, "fine_tune", "knn_curve"}
+FROZEN_FEATURE_PROTOCOLS = {"linear": _linear, "knn": _knn, "few_label": _few_label, "layer_weighted_linear": _linear}
+#: Protocols on other features than the network's output: the wrapper that reads them (the linear
+#: probe on every block's features is the weighted-layer probe).
+PROTOCOL_FEATURES = {"layer_weighted_linear": P.BlockFeatures}
+KNOWN_PROTOCOLS = {*FROZEN_FEATURE_PROTOCOLS, "fine_tune", "knn_curve", "segmentation"}
 
 
 def run_suite(
@@ -257,9 +287,14 @@ def run_suite(
         name: the suite's name in the store (finished cells are looked up under it).
         entries: method x dataset runs (``Entry``: method, dataset, config, args, checkpoint, protocols).
         seeds: a cell per seed (``seed_everything``; an entry's ``seeds`` win); the data splits stay fixed.
-        protocols: protocol name -> settings: ``linear``, ``knn``, ``few_label`` on frozen
-            features, ``fine_tune`` with training (see ``ssl_kit.evaluation``), ``knn_curve``
-            (test kNN of snapshots every ``every_seconds`` of pretraining, ``knn_curve``).
+            An entry with ``folds`` has a cell per seed and fold (cross-validation; see ``Entry``).
+        protocols: protocol name -> settings: ``linear``, ``knn``, ``few_label`` (``selection``:
+            ``val``, ``few_val`` or ``cross_val``, see ``evaluation.few_label``) on frozen features,
+            ``layer_weighted_linear`` (the linear probe on every transformer block's features with
+            learned softmax layer weights), ``fine_tune`` with training (see ``ssl_kit.evaluation``), ``knn_curve``
+            (test kNN of snapshots every ``every_seconds`` of pretraining, ``knn_curve``),
+            ``segmentation`` (mIoU of a linear probe on the spatial features of image backbones,
+            on the embedded digit scenes; ``evaluation.segmentation.linear_segmentation``).
         dataset_args: ``ssl_kit.fit`` overrides shared by every entry of a dataset (its root,
             subsets, budget), placed before the entry's own ``args``.
         store: the SQLite results store.
@@ -272,7 +307,10 @@ def run_suite(
     results = ResultStore(store)
     finished = results.finished_cells(name)
     entries = [replace(entry, args=[*dataset_args.get(entry.dataset, []), *entry.args]) for entry in entries]
-    cells = [Cell(name, entry, seed, protocols, Path(workdir)) for entry in entries for seed in (entry.seeds or seeds)]
+    cells = [
+        Cell(name, entry, seed, protocols, Path(workdir), fold)
+        for entry in entries for seed in (entry.seeds or seeds) for fold in (entry.folds or [None])
+    ]  # fmt: skip
     todo = [cell for cell in cells if cell.key not in finished]
     log.warning("suite %s: %d cells, %d finished, %d to run; store %s", name, len(cells), len(cells) - len(todo), len(todo), store)
     ran = 0
@@ -281,7 +319,7 @@ def run_suite(
         if holder is not None:
             log.warning("cell %d/%d %s: skipped, %s", number, len(todo), cell.key, "finished meanwhile" if holder == "finished" else f"being run by {holder}")
             continue
-        log.warning("cell %d/%d %s: %s on %s, seed %d", number, len(todo), cell.key, cell.entry.method, cell.entry.dataset, cell.seed)
+        log.warning("cell %d/%d %s: %s", number, len(todo), cell.key, cell)
         with _lease(results, name, cell.key):
             rows = cell.run()
         _write(results, rows)

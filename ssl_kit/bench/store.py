@@ -55,7 +55,8 @@ SCHEMA = (
     versions TEXT,  -- JSON
     git_commit TEXT,
     hardware TEXT,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    fold TEXT  -- the cross-validation fold that was the test split; NULL: no cross-validation
 )""",
     "CREATE INDEX IF NOT EXISTS results_suite_cell ON results (suite, cell)",
     """CREATE TABLE IF NOT EXISTS claims (
@@ -89,9 +90,13 @@ class Result:
     git_commit: str | None = None
     hardware: str | None = None
     created_at: str | None = None
+    fold: str | None = None
 
 
 COLUMNS = tuple(f.name for f in fields(Result))
+#: Columns added after stores were written: added to an older store when it is opened for
+#: writing, read as NULL (None) from one opened read-only.
+LATER_COLUMNS = {"fold": "TEXT"}
 JSON_COLUMNS = ("config", "versions")
 INSERT = f"INSERT INTO results ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 
@@ -170,6 +175,10 @@ class ResultStore:
         with self._transaction() as connection:
             for statement in SCHEMA:
                 connection.execute(statement)
+            present = stored_columns(connection)
+            for column, kind in LATER_COLUMNS.items():
+                if column not in present:
+                    connection.execute(f"ALTER TABLE results ADD COLUMN {column} {kind}")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -272,7 +281,8 @@ class ResultStore:
         where, parameters = ("WHERE suite = ?", (suite,)) if suite is not None else ("", ())
         try:
             with self._connect() as connection:
-                found = connection.execute(f"SELECT {', '.join(COLUMNS)} FROM results {where} ORDER BY id", parameters)
+                present = stored_columns(connection)
+                found = connection.execute(f"SELECT {', '.join(c for c in COLUMNS if c in present)} FROM results {where} ORDER BY id", parameters)
                 return [_decode(row) for row in found]
         except sqlite3.DatabaseError as error:
             raise ValueError(f"{self.path} is not a readable ssl_kit results store ({error})") from error
@@ -312,8 +322,13 @@ def _encode(result: Result) -> tuple:
     return tuple(row[column] for column in COLUMNS)
 
 
+def stored_columns(connection: sqlite3.Connection) -> set[str]:
+    """The columns the store's results table has (an older store lacks ``LATER_COLUMNS``)."""
+    return {column["name"] for column in connection.execute("PRAGMA table_info(results)")}
+
+
 def _decode(row: sqlite3.Row) -> dict:
-    decoded = dict(row)
+    decoded = dict.fromkeys(LATER_COLUMNS) | dict(row)
     for column in JSON_COLUMNS:
         decoded[column] = json.loads(decoded[column])
     if decoded["value"] is None:

@@ -5,6 +5,7 @@ spectrograms, so every method and image backbone takes them (``backbone_kwargs: 
 from __future__ import annotations
 
 import re
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -18,7 +19,7 @@ from ssl_kit.data.base import SSLDataModule, Splits
 from ssl_kit.data.cache import DecodedCache
 from ssl_kit.data.datasets import LabeledFiles, SkippedFiles, TensorSamples, class_folder_samples
 from ssl_kit.data.samples import Samples, Source, UnreadableFileError, open_sample
-from ssl_kit.data.sources import ClassFolders
+from ssl_kit.data.sources import ClassFolders, LabelsCSV, SampleSource, sample_source
 from ssl_kit.data.download import download_and_extract, obtain
 from ssl_kit.inputs import InputSpec, LogMelSettings
 from ssl_kit.transforms.audio import AudioEval, AudioViews
@@ -114,15 +115,64 @@ def list_audio(directory: Path, classes: list[str]) -> list[tuple[str, int]] | N
     return class_folder_samples(directory, classes, AUDIO_EXTENSIONS, "audio")
 
 
+#: A fold-numbered file name, ESC-50 style: ``{fold}-<name>`` (``3-100038-A-14.wav`` is in fold 3).
+FOLD_NAME = re.compile(r"^(\d+)-")
+
+
+def fold_split(samples: Samples, fold: int) -> tuple[Samples, Samples]:
+    """``(every other fold, fold)`` of fold-numbered samples (``FOLD_NAME``); a file without a fold
+    number is an error naming it, as is a fold without files."""
+    train, test = [], []
+    for source, label in samples:
+        match = FOLD_NAME.match(Path(str(source)).name)
+        if match is None:
+            raise ValueError(f"{source} has no fold number: with --data.fold, name every file {{fold}}-<name> (e.g. 1-dog.wav)")
+        (test if int(match[1]) == fold else train).append((source, label))
+    if not test:
+        raise ValueError(f"no file of fold {fold} (named {fold}-<name>) among the {len(train)} files")
+    return train, test
+
+
 class AudioFolderDataModule(ClassFolders, AudioDataModule):
     """Your own audio: ``root/train/<class>/*`` (wav, flac, ogg, aiff, au: any soundfile format)
     and, optionally, ``root/val/<class>/*`` and ``root/test/<class>/*``. Without ``val`` a seeded
     stratified ``val_fraction`` of train is held out. ``root`` may also be shards of such a folder
-    (``python -m ssl_kit.data.shards``)."""
+    (``python -m ssl_kit.data.shards``).
+
+    ``labels_csv``: multi-label audio instead of class folders: the files the CSV lists under
+    ``root``, each with its labels (``LabelsCSV``: header ``file,labels``, labels separated by
+    ``;``), as multi-hot targets scored by mAP; test and validation are held out of them.
+
+    ``fold``: cross-validation on fold-numbered files, ESC-50 style (``{fold}-<name>``, any class
+    folder or CSV row): the files of ``fold`` are the test split, every other file trains and
+    pretrains, so running each fold (a benchmark entry's ``folds``) tests every file once."""
 
     folder_kind = "AudioFolder"
     modality = "audio"
     list_split = staticmethod(list_audio)
+
+    def __init__(self, root: str, *args, labels_csv: str | None = None, fold: int | None = None, **kwargs) -> None:
+        self.labels_csv = labels_csv  # read by ``source`` when the base reads the classes
+        self.fold = fold
+        super().__init__(root, *args, **kwargs)
+
+    @cached_property
+    def source(self) -> SampleSource:
+        """The files ``labels_csv`` lists, or the class folders or shards of ``root``."""
+        if self.labels_csv is not None:
+            return LabelsCSV(self.root, self.labels_csv)
+        return sample_source(self.root, self.folder_kind, self.modality, self.list_split)
+
+    def load_splits(self) -> Splits:
+        if self.fold is None:
+            return super().load_splits()
+        if self.source.split("test") is not None or self.test_fraction is not None:
+            raise ValueError(
+                f"--data.fold {self.fold} makes fold {self.fold} the test split: {self.root} must have no test/ folder, "
+                "and --data.test_fraction must be unset"
+            )
+        train, test = fold_split(self.source.split("train"), self.fold)
+        return self.sample_splits(train, self.source.split("val"), test)
 
 
 FSDD_NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)\.wav$")

@@ -70,6 +70,8 @@ class SSLDataModule(L.LightningDataModule):
     default_image_size: int = 224
     center_crop_ratio: float = 1.0
     default_val_fraction: float = 0.1
+    #: Inputs per test sample, scored together (multi-view testing: ``VideoDataModule``'s clips x crops).
+    test_views: int = 1
 
     def __init__(
         self,
@@ -247,10 +249,12 @@ class SSLDataModule(L.LightningDataModule):
             return self.loader(Transformed(splits.pretrain, self.views), shuffle=True, drop_last=True)
         split, pool = self.few_label, self.pseudo_pool
         labeled = Transformed(splits.train, self.views, split.labeled)
+        # each unlabeled item carries its pool position, for statistics kept per sample (FlexMatch)
         if pool is None:
-            unlabeled = Transformed(splits.train, self.views, split.unlabeled)
+            unlabeled = WithTargets(Transformed(splits.train, self.views, split.unlabeled), np.arange(len(split.unlabeled)))
         else:
-            unlabeled = WithTargets(Transformed(splits.train, self.views, pool.indices(split)), pool.selected_targets())
+            unlabeled = WithTargets(Transformed(splits.train, self.views, pool.indices(split)), pool.selected)
+            unlabeled = WithTargets(unlabeled, pool.selected_targets())
         loaders = {
             "labeled": self.loader(labeled, shuffle=True, batch_size=min(self.batch_size, len(labeled))),
             "unlabeled": self.loader(

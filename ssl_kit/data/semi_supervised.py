@@ -74,18 +74,21 @@ class PseudoLabeledPool:
 @dataclass
 class SemiSupervisedBatch:
     """One self-training step's data: views of labeled samples and their labels, views of unlabeled
-    ones with their hidden labels (-1 where unknown; only for monitoring), and, for a pre-labeled
-    pool, the targets it was given (None: a teacher labels the unlabeled views online)."""
+    ones with their hidden labels (-1 where unknown; only for monitoring), for a pre-labeled pool
+    the targets it was given (None: a teacher labels the unlabeled views online), and the unlabeled
+    samples' positions in the pool (``FewLabelSplit.unlabeled`` order), which statistics kept per
+    sample (FlexMatch's learning status) are indexed by."""
 
     labeled_views: list[Tensor]
     labels: Tensor
     unlabeled_views: list[Tensor]
     hidden_labels: Tensor
     pool_targets: Tensor | None = None
+    unlabeled_positions: Tensor | None = None
 
     @classmethod
     def from_loaders(cls, parts: dict[str, tuple]) -> SemiSupervisedBatch:
         """From the combined loader's ``{"labeled": (views, labels), "unlabeled": (views, hidden
-        labels[, pool targets])}``."""
-        (labeled_views, labels), (unlabeled_views, hidden, *targets) = parts["labeled"], parts["unlabeled"]
-        return cls(labeled_views, labels, unlabeled_views, hidden, targets[0] if targets else None)
+        labels, pool positions[, pool targets])}``."""
+        (labeled_views, labels), (unlabeled_views, hidden, positions, *targets) = parts["labeled"], parts["unlabeled"]
+        return cls(labeled_views, labels, unlabeled_views, hidden, targets[0] if targets else None, positions)

@@ -9,10 +9,13 @@ readers open with ``open_sample`` (``ssl_kit.data.datasets``).
 
 from __future__ import annotations
 
+import csv
 import json
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Protocol
+
+import numpy as np
 
 from ssl_kit.data.datasets import class_names
 from ssl_kit.data.samples import Samples, ShardMember
@@ -119,3 +122,57 @@ class ClassFolders:
     def load_splits(self):
         train, test = self.carve_test(self.source.split("train"), self.source.split("test"))
         return self.sample_splits(train, self.source.split("val"), test)
+
+
+#: Separates the labels of one file in a multi-label CSV (``labels_csv``): ``dog/1-bark.wav,dog;outdoor``.
+LABEL_DELIMITER = ";"
+
+
+class LabelsCSV:
+    """Multi-label samples: the files that ``path`` lists, a CSV with the header ``file,labels``
+    (``file`` relative to ``root``; a file's labels separated by ``LABEL_DELIMITER``), each with a
+    multi-hot label row over ``classes``, the sorted labels the CSV uses. They are the ``train``
+    split; test and validation are held out of it (by fold, ``test_fraction``, ``val_fraction``).
+    A row naming no file under ``root``, a file twice, or no label is an error naming the CSV and
+    its line."""
+
+    def __init__(self, root: str, path: str) -> None:
+        self.path = Path(path).expanduser()
+        folder = Path(root).expanduser()
+        try:
+            with self.path.open(newline="") as handle:
+                reader = csv.DictReader(handle)
+                rows = [(reader.line_num, row) for row in reader]
+        except OSError as error:
+            raise FileNotFoundError(f"cannot read the labels CSV {self.path}: {error}") from error
+        missing = {"file", "labels"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{self.path} lacks the column(s) {', '.join(sorted(missing))}: its header must be file,labels")
+        files = [(line, *self.parse(line, row, folder)) for line, row in rows]
+        if not files:
+            raise ValueError(f"{self.path} lists no files")
+        seen: dict[str, int] = {}
+        for line, file, _ in files:
+            if file in seen:
+                raise ValueError(f"{self.path}, line {line}: {file} is listed twice (first on line {seen[file]})")
+            seen[file] = line
+        self.classes = sorted({name for _, _, names in files for name in names})
+        index = {name: i for i, name in enumerate(self.classes)}
+        self.samples = []
+        for _, file, names in files:
+            multi_hot = np.zeros(len(self.classes), dtype=np.int64)
+            multi_hot[[index[name] for name in names]] = 1
+            self.samples.append((file, multi_hot))
+
+    def parse(self, line: int, row: dict, folder: Path) -> tuple[str, list[str]]:
+        """The file and the labels of one row, checked."""
+        file = (row["file"] or "").strip()
+        names = sorted({name.strip() for name in (row["labels"] or "").split(LABEL_DELIMITER) if name.strip()})
+        if not file or not (folder / file).is_file():
+            raise FileNotFoundError(f"{self.path}, line {line}: {file!r} is not a file under {folder}")
+        if not names:
+            raise ValueError(f"{self.path}, line {line} ({file}): no labels (separate a file's labels with {LABEL_DELIMITER!r})")
+        return str(folder / file), names
+
+    def split(self, name: str) -> Samples | None:
+        return self.samples if name == "train" else None

@@ -12,12 +12,17 @@ TEST_CARVE_SEED = 20261202
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Splits indices into (kept, held_out) with ``fraction`` of each class held out.
 
-    The same labels and seed always give the same split; both parts are sorted.
+    The same labels and seed always give the same split; both parts are sorted. Multi-hot labels
+    ``(N, C)`` (multi-label data) have no class strata, since a sample is in several classes: a
+    seeded ``fraction`` of all samples is held out.
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"split fraction must be in [0, 1), got {fraction}")
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
+    if labels.ndim == 2:
+        held = np.sort(rng.permutation(len(labels))[: int(round(fraction * len(labels)))])
+        return np.setdiff1d(np.arange(len(labels)), held), held
     held_out: list[np.ndarray] = []
     for cls in np.unique(labels):
         members = np.flatnonzero(labels == cls)
@@ -51,6 +56,8 @@ def few_label_split(
     if fraction is not None and not 0.0 < fraction < 1.0:
         raise ValueError(f"label_fraction must be in (0, 1), got {fraction}")
     labels = np.asarray(labels)
+    if labels.ndim == 2:
+        raise ValueError("a few-label split draws labels per class: multi-hot labels (multi-label data) have no such split")
     rng = np.random.default_rng(seed)
     chosen: list[np.ndarray] = []
     for cls in np.unique(labels[labels >= 0]):
@@ -61,3 +68,20 @@ def few_label_split(
         chosen.append(rng.permutation(members)[:count])
     labeled = np.sort(np.concatenate(chosen))
     return labeled, np.setdiff1d(np.arange(len(labels)), labeled)
+
+
+def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
+    """The held-out indices of each of ``folds`` cross-validation folds: disjoint, sorted, covering
+    every sample, each class spread over the folds as evenly as it divides (its members, shuffled
+    by ``seed``, are dealt out in turn). The same labels and seed always give the same folds."""
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    if folds < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {folds}")
+    if counts.min(initial=folds) < folds:
+        raise ValueError(f"{folds}-fold cross-validation needs {folds} samples of every class; class {classes[counts.argmin()]} has {counts.min()}")
+    rng = np.random.default_rng(seed)
+    dealt = np.concatenate([rng.permutation(np.flatnonzero(labels == cls)) for cls in classes])
+    fold_of = np.empty(len(labels), dtype=np.int64)
+    fold_of[dealt] = np.arange(len(labels)) % folds
+    return [np.flatnonzero(fold_of == fold) for fold in range(folds)]

@@ -13,6 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ssl_kit.data.base import SSLDataModule
 from ssl_kit.data.datasets import Transformed
+from ssl_kit.evaluation.features import per_view
 from ssl_kit.optim import OptimizerName, build_optimizer, decay_groups, warmup_cosine_config
 from ssl_kit.transforms import ViewAugmentation
 
@@ -66,7 +67,8 @@ def fine_tune_param_groups(
 
 
 class FineTuner(L.LightningModule):
-    """Backbone + linear head trained end to end with cross-entropy; warmup + cosine per step."""
+    """Backbone + linear head trained end to end with cross-entropy; warmup + cosine per step. A
+    test sample of ``test_views`` > 1 (multi-view testing) is scored by its views' mean logits."""
 
     def __init__(
         self,
@@ -77,6 +79,7 @@ class FineTuner(L.LightningModule):
         optimizer: OptimizerName = "adamw",
         layer_decay: float | None = None,
         warmup_epochs: float = 0.0,
+        test_views: int = 1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
@@ -95,7 +98,7 @@ class FineTuner(L.LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         inputs, labels = batch
-        self.test_accuracy(self(inputs), labels)
+        self.test_accuracy(per_view(self, inputs, self.hparams.test_views).mean(1), labels)
         self.log("test/acc", self.test_accuracy)
 
     def configure_optimizers(self):
@@ -134,7 +137,9 @@ def fine_tune(
     the final weights; ``backbone`` itself is left untouched. Runs through a Lightning Trainer
     (``trainer_kwargs``: devices, strategy, precision..., so DDP works). Inputs get the evaluation
     transform, or with ``augment`` the first view of the DataModule's ``views`` (the weak view of
-    ``WeakStrongViews`` / ``PairedViews``). Hyper-parameters are given, not searched."""
+    ``WeakStrongViews`` / ``PairedViews``). Hyper-parameters are given, not searched. The test
+    split's multi-view samples (``--data.test_clips`` / ``--data.test_crops``) are scored by the
+    mean logits of their views."""
     L.seed_everything(seed, verbose=False)
     datamodule.setup("fit")
     transform = FirstView(datamodule.views) if augment else datamodule.eval_transform
@@ -144,7 +149,7 @@ def fine_tune(
     # The DataModule's loader settings (workers, pinning, bad-file collation); full batches only,
     # so BatchNorm never sees a batch of one.
     loader = datamodule.loader(train, shuffle=True, drop_last=len(train) > batch_size, batch_size=batch_size)
-    model = FineTuner(copy.deepcopy(backbone), num_classes, lr, weight_decay, optimizer, layer_decay, warmup_epochs)
+    model = FineTuner(copy.deepcopy(backbone), num_classes, lr, weight_decay, optimizer, layer_decay, warmup_epochs, datamodule.test_views)
     settings = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
     trainer = L.Trainer(**{**settings, **(trainer_kwargs or {}), "max_epochs": epochs})
     trainer.fit(model, train_dataloaders=loader)

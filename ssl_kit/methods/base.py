@@ -226,6 +226,8 @@ class SSLMethod(BackboneModule):
     def probe_loss(self, features: Tensor, labels: Tensor) -> Tensor:
         """Cross-entropy of the online probe on labeled samples (label >= 0); zero when there are none."""
         logits = self.probe(features)
+        if labels.ndim == 2:  # multi-hot (multi-label data): no online probe; it stays in the graph for DDP
+            return 0.0 * logits.sum()
         labeled = (labels >= 0).sum().clamp(min=1)
         return F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum") / labeled
 
@@ -236,6 +238,8 @@ class SSLMethod(BackboneModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels = batch
+        if labels.ndim == 2:  # multi-hot: no online monitors; the harness scores such data by mAP
+            return
         features = self.backbone(images)
         if dataloader_idx == 0:
             self._bank.append((features, labels))

@@ -18,15 +18,22 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
 
 @dataclass
 class PseudoLabels:
-    """The teacher's targets for a batch: probability rows, the confident rows, the argmax class."""
+    """The teacher's targets for a batch: probability rows, the confident rows, the argmax class,
+    and each row's weight in the unlabeled loss (None: 1 on the confident rows, 0 elsewhere;
+    SoftMatch weighs every row)."""
 
     targets: Tensor
     mask: Tensor
     classes: Tensor
     confidence: Tensor
+    weights: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.weights is None:
+            self.weights = self.mask.to(self.targets.dtype)
 
     def rows(self, index: slice) -> PseudoLabels:
-        return PseudoLabels(self.targets[index], self.mask[index], self.classes[index], self.confidence[index])
+        return PseudoLabels(self.targets[index], self.mask[index], self.classes[index], self.confidence[index], self.weights[index])
 
     @classmethod
     def given(cls, targets: Tensor) -> PseudoLabels:
@@ -36,9 +43,9 @@ class PseudoLabels:
 
 
 @torch.no_grad()
-def pseudo_labels(teacher_logits: Tensor, threshold: float = 0.95, soft: bool = False, temperature: float = 1.0) -> PseudoLabels:
+def pseudo_labels(teacher_logits: Tensor, threshold: float | Tensor = 0.95, soft: bool = False, temperature: float = 1.0) -> PseudoLabels:
     """Hard (one-hot argmax) or soft (``softmax(logits / temperature)``) targets; ``mask`` marks rows
-    whose top class probability, at temperature 1, is at least ``threshold``."""
+    whose top class probability, at temperature 1, is at least ``threshold`` (one per row, or one for all)."""
     probs = torch.softmax(teacher_logits.float(), dim=1)
     confidence, classes = probs.max(dim=1)
     if soft:
@@ -51,10 +58,10 @@ def pseudo_labels(teacher_logits: Tensor, threshold: float = 0.95, soft: bool = 
 class ThresholdedPseudoLabelLoss(nn.Module):
     """FixMatch's unlabeled loss: ``mean_i 1[conf_i >= tau] * CE(student_i, target_i)``, averaged
     over *all* unlabeled rows (unconfident rows count as zero), so the loss grows as the teacher
-    becomes confident on more samples."""
+    becomes confident on more samples. Rows weigh ``labels.weights`` (the mask, or SoftMatch's weights)."""
 
     def forward(self, student_logits: Tensor, labels: PseudoLabels) -> Tensor:
-        return (soft_cross_entropy(student_logits, labels.targets) * labels.mask).mean()
+        return (soft_cross_entropy(student_logits, labels.targets) * labels.weights).mean()
 
 
 class DoublyRobustLoss(nn.Module):

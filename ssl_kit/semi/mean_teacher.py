@@ -3,18 +3,18 @@ the student learns them on strong views, alongside the few labeled samples."""
 
 from __future__ import annotations
 
-import inspect
 from typing import Literal
 
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ssl_kit.data.semi_supervised import SemiSupervisedBatch
+from ssl_kit.evaluation.features import per_view
 from ssl_kit.methods.base import BackboneModule
 from ssl_kit.methods.momentum import EMAUpdater, MomentumSchedule, MomentumTargets, frozen_copy
 from ssl_kit.models.backbones import build_from_spec
 from ssl_kit.models.saved import load_backbone_weights
-from ssl_kit.semi.criteria import CRITERIA, SelfTrainingLoss
+from ssl_kit.semi.criteria import CRITERIA, SelfTrainingLoss, criterion_arguments
 
 
 class MeanTeacher(MomentumTargets, BackboneModule):
@@ -22,9 +22,13 @@ class MeanTeacher(MomentumTargets, BackboneModule):
     ``SemiSupervisedBatch`` (an ``SSLDataModule`` with ``labels_per_class`` or ``label_fraction``
     and ``WeakStrongViews``). The loss is a criterion of ``ssl_kit.semi.criteria`` chosen by
     ``loss``, given the hyper-parameters it names: ``fixmatch`` (``FixMatchCriterion``: threshold,
-    ``unlabeled_weight``, sigmoid ``rampup``) or ``doubly_robust`` (``DoublyRobustCriterion``: no
-    threshold, the correction ramped in linearly over ``rampup``). The teacher (eval mode, no
-    gradient) labels online, unless the batch brings a pool's targets (Noisy Student).
+    ``unlabeled_weight``, sigmoid ``rampup``), the adaptive ``flexmatch`` (class thresholds below
+    ``threshold`` from learning status), ``freematch`` (self-adaptive thresholds, ``fairness_weight``)
+    and ``softmatch`` (truncated-Gaussian weights), whose confidence statistics follow an EMA of
+    momentum ``statistics_momentum``, or ``doubly_robust`` (``DoublyRobustCriterion``: no
+    threshold, the correction ramped in linearly over ``rampup``). ``distribution_alignment``
+    aligns the teacher's class marginal to uniform (None: on for ``softmatch`` only). The teacher
+    (eval mode, no gradient) labels online, unless the batch brings a pool's targets (Noisy Student).
     Pseudo-labels are hard (argmax) or, with ``soft_targets``, the teacher's softmax at
     ``target_temperature``. The hidden labels of the unlabeled samples are used only to log the
     pseudo-label accuracy.
@@ -45,12 +49,15 @@ class MeanTeacher(MomentumTargets, BackboneModule):
     def __init__(
         self,
         *args,
-        loss: Literal["fixmatch", "doubly_robust"] = "fixmatch",
+        loss: Literal["fixmatch", "flexmatch", "freematch", "softmatch", "doubly_robust"] = "fixmatch",
         threshold: float = 0.95,
         soft_targets: bool = False,
         target_temperature: float = 1.0,
         unlabeled_weight: float = 1.0,
         rampup: float = 0.0,
+        distribution_alignment: bool | None = None,
+        statistics_momentum: float = 0.999,
+        fairness_weight: float = 0.001,
         ema_momentum: float = 0.999,
         ema_schedule: MomentumSchedule = "running_average",
         init_from: str | None = None,
@@ -80,7 +87,7 @@ class MeanTeacher(MomentumTargets, BackboneModule):
             schedule=ema_schedule,
         )
         criterion = CRITERIA[loss]
-        self.criterion = criterion(**{name: self.hparams[name] for name in inspect.signature(criterion).parameters})
+        self.criterion = criterion(**{name: self.hparams[name] for name in criterion_arguments(criterion)})
         self.teacher_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.student_accuracy = MulticlassAccuracy(num_classes, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
@@ -107,8 +114,8 @@ class MeanTeacher(MomentumTargets, BackboneModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         split = getattr(getattr(self.trainer, "datamodule", None), "few_label", None)
-        if split is not None and hasattr(self.criterion, "labeled_fraction"):
-            self.criterion.labeled_fraction = split.labeled_fraction
+        if split is not None and hasattr(self.criterion, "use_split"):  # the split's labeled share, the pool's size
+            self.criterion.use_split(split)
 
     def training_losses(self, batch: SemiSupervisedBatch) -> SelfTrainingLoss:
         """The loss, its parts (for the log) and the unlabeled samples' pseudo-labels."""
@@ -124,7 +131,7 @@ class MeanTeacher(MomentumTargets, BackboneModule):
         self.stop_if_not_finite(loss)
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/{name}": value for name, value in parts.items()})
-        self.log("train/mask_rate", pseudo.mask.float().mean())
+        self.log("train/mask_rate", pseudo.weights.mean())  # SoftMatch: the mean weight
         hidden = batch.hidden_labels
         known = pseudo.mask & (hidden >= 0)
         if known.any():
@@ -143,5 +150,6 @@ class MeanTeacher(MomentumTargets, BackboneModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, labels = batch
-        self.test_accuracy(self(images), labels)
+        views = getattr(self.trainer.datamodule, "test_views", 1)  # multi-view testing: the views' mean logits
+        self.test_accuracy(per_view(self, images, views).mean(1), labels)
         self.log("test/acc", self.test_accuracy)

@@ -4,6 +4,8 @@ Clips come in as uint8 ``(T, C, H, W)`` and leave as normalised float ``(C, T, H
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 from torchvision import tv_tensors
@@ -29,6 +31,37 @@ class VideoEval:
 
     def __call__(self, clip: Tensor) -> Tensor:
         return to_channels_first(self.transform(tv_tensors.Video(clip)).as_subclass(Tensor))
+
+
+class VideoTestViews:
+    """Multi-view testing (VideoMAE): each clip of a stack ``(clips, T, C, H, W)`` (or one clip
+    ``(T, C, H, W)``) resized on its short side to ``size`` and cut into ``crops`` squares evenly
+    spaced along its long side (one crop: the centre, exactly ``VideoEval``'s), normalised:
+    ``(clips * crops, C, T, size, size)``, the crops of the first clip first."""
+
+    def __init__(self, size: int, mean, std, crops: int) -> None:
+        self.size, self.crops = size, crops
+        self.resize = v2.Resize(size, antialias=True)
+        self.finish = v2.Compose(_finish(mean, std))
+
+    def __call__(self, clips: Tensor) -> Tensor:
+        views = []
+        for clip in clips if clips.ndim == 5 else clips.unsqueeze(0):
+            frames = self.resize(tv_tensors.Video(clip)).as_subclass(Tensor)
+            height, width = frames.shape[-2:]
+            tops = crop_starts(height, self.size, self.crops if height > width else 1)
+            lefts = crop_starts(width, self.size, 1 if height > width else self.crops)
+            for top, left in itertools.product(tops, lefts):  # one of them has one start
+                crop = frames[..., top : top + self.size, left : left + self.size]
+                views.append(to_channels_first(self.finish(tv_tensors.Video(crop)).as_subclass(Tensor)))
+        return torch.stack(views)
+
+
+def crop_starts(length: int, size: int, crops: int) -> list[int]:
+    """Starts of ``crops`` windows of ``size`` evenly spaced over ``length`` (one: centred, as torchvision's ``CenterCrop``)."""
+    if crops == 1:
+        return [int(round((length - size) / 2.0))]
+    return [int(i * (length - size) / (crops - 1)) for i in range(crops)]
 
 
 class VideoViews(ViewAugmentation):

@@ -4,11 +4,14 @@ clips through a video ViT."""
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+
 import numpy as np
 import pytest
 import torch
 
-from helpers import TINY_RUN, against_random_init, fit, write_mp4
+from helpers import TINY_RUN, against_random_init, fit, write_mp4, write_video_folder
 from ssl_kit.data import MovingDigitsDataModule, VideoFolderDataModule
 from ssl_kit.data.samples import UnreadableFileError
 from ssl_kit.data.video import clip_indices, read_video
@@ -78,12 +81,97 @@ def test_moving_digits_are_seeded_balanced_and_moving():
     assert (centre_x[:, -1] - centre_x[:, 0] > 3).all()  # "right" moves right by several pixels
 
 
+#: sha256 of the moving digits' frames and labels by (frames_per_clip, frame_size, clips_per_class,
+#: generator_seed), generated before ``video_frames`` and ``frame_width`` existed: the first is the
+#: CPU leaderboard's data, on which its stored rows depend.
+ONE_CLIP_DIGITS_SHA256 = {
+    (8, 32, 100, 0): "a3977b2e4ba5acfe484ed9d5cf6eb5c70960e3d2c658f63c8dcd0738fa4a0ecf",
+    (6, 24, 3, 5): "fbb037e2d6c6df8d7a2e320063dbf4f574fe43a659af8f688205e5fad1435902",
+}
+
+
+def test_default_moving_digits_are_unchanged_and_a_video_is_one_clip():
+    for (frames, size, per_class, seed), digest in ONE_CLIP_DIGITS_SHA256.items():
+        data = MovingDigitsDataModule(frames_per_clip=frames, frame_size=size, clips_per_class=per_class, generator_seed=seed)
+        clips, labels = data.generate()
+        assert hashlib.sha256(clips.numpy().tobytes() + labels.astype(np.int64).tobytes()).hexdigest() == digest
+    data = MovingDigitsDataModule(frames_per_clip=6, frame_size=24, clips_per_class=5, num_workers=0)
+    data.setup("fit")
+    assert data.splits.pretrain is data.splits.train  # no clip is cut (nor a random start drawn): the samples are the videos
+    assert data.splits.test[0][0].shape == (6, 3, 24, 24)
+
+
+def test_long_moving_digits_are_one_clip_of_motion_filmed_at_a_higher_frame_rate():
+    settings = dict(clips_per_class=2, frame_size=24, frames_per_clip=6)
+    clips, labels = MovingDigitsDataModule(**settings).generate()
+    videos, same_labels = MovingDigitsDataModule(video_frames=16, **settings).generate()
+    assert videos.shape == (16, 16, 24, 24) and np.array_equal(labels, same_labels)
+    assert torch.equal(videos[:, 0], clips[:, 0]) and torch.equal(videos[:, -1], clips[:, -1])  # same digits, same start and end
+    assert not torch.equal(videos[:, 1], clips[:, 1])  # a third of a clip frame's motion later, not a whole one
+
+
+def test_long_moving_digits_cut_random_pretraining_clips_central_eval_clips_and_evenly_spaced_test_clips():
+    data = MovingDigitsDataModule(
+        clips_per_class=5, frames_per_clip=6, frame_stride=2, frame_size=16, video_frames=21, test_clips=3, num_workers=0, batch_size=2,
+    )  # fmt: skip
+    data.setup("fit")
+    splits = data.splits  # a clip spans 11 frames: starts 0 .. 10, the central one 5
+
+    def video(dataset, index: int = 0) -> torch.Tensor:
+        return dataset.base[index][0]  # the uncut video, (21, 3, 16, 16)
+
+    test_clips, _ = splits.test[0]
+    assert test_clips.shape == (3, 6, 3, 16, 16)
+    for clip, start in zip(test_clips, (0, 5, 10)):
+        assert torch.equal(clip, video(splits.test)[start : start + 11 : 2])
+    assert not any(torch.equal(one, other) for one, other in itertools.combinations(test_clips, 2))
+    assert torch.equal(splits.train[0][0], video(splits.train)[5:16:2]) and torch.equal(splits.val[1][0], video(splits.val, 1)[5:16:2])
+    np.random.seed(0)
+    starts = set()
+    for _ in range(30):
+        clip = splits.pretrain[0][0]
+        (start,) = [start for start in range(11) if torch.equal(clip, video(splits.pretrain)[start : start + 11 : 2])]
+        starts.add(start)
+    assert len(starts) >= 5  # a random clip every time
+    clips, _ = next(iter(data.test_dataloader()))
+    assert clips.shape == (2, 3, 3, 6, 16, 16)  # three views per video, each a clip (C, T, H, W)
+
+
+def test_wide_moving_digits_keep_the_digit_s_shape_and_spread_its_start_over_the_width():
+    square, _ = MovingDigitsDataModule(clips_per_class=4, frame_size=32, frames_per_clip=4).generate()
+    wide, _ = MovingDigitsDataModule(clips_per_class=4, frame_size=32, frames_per_clip=4, frame_width=48).generate()
+    assert wide.shape == (32, 4, 32, 48)
+    square, wide = square[:, 0].float(), wide[:, 0].float()  # first frames: the digit whole in both
+    assert torch.allclose(wide.sum((1, 2)) / square.sum((1, 2)), torch.ones(32), atol=0.05)  # not stretched (that would be 1.5)
+
+    def centre_and_spread(frames: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        profile = frames.sum(dim) / frames.sum((1, 2)).unsqueeze(1)
+        position = torch.arange(profile.shape[-1])
+        centre = (profile * position).sum(-1)
+        return centre, (profile * (position - centre.unsqueeze(1)) ** 2).sum(-1).sqrt()
+
+    (x_wide, width_wide), (x_square, width_square) = centre_and_spread(wide, 1), centre_and_spread(square, 1)
+    assert torch.allclose(width_wide, width_square, atol=0.2)  # the digit as wide in both
+    shift = (x_wide - 23.5) - (x_square - 15.5)  # half the start's x in frame heights (16 px each): within 2 px
+    assert shift.abs().max() < 2.2 and shift.std() > 0.5  # the start spread over the width
+    assert torch.allclose(centre_and_spread(wide, 2)[0], centre_and_spread(square, 2)[0], atol=0.3)  # at the same height
+    data = MovingDigitsDataModule(clips_per_class=5, frame_size=16, frame_width=24, frames_per_clip=4, test_crops=2, num_workers=0, batch_size=40)
+    views, _ = next(iter(data.test_dataloader()))
+    assert views.shape == (8, 2, 3, 4, 16, 16) and not torch.equal(views[:, 0], views[:, 1])  # two crops along the width
+
+
+def test_moving_digits_refuse_test_clips_their_videos_cannot_hold():
+    with pytest.raises(ValueError, match="test_clips 3: .* 1 different clip.* at least 17"):  # 8 frames 2 apart span 15
+        MovingDigitsDataModule(test_clips=3)
+    with pytest.raises(ValueError, match="video_frames 10 is shorter than one clip"):
+        MovingDigitsDataModule(video_frames=10)
+    with pytest.raises(ValueError, match="test_clips 4: .* 3 different clip"):
+        MovingDigitsDataModule(video_frames=17, test_clips=4)
+    assert MovingDigitsDataModule(video_frames=17, test_clips=3).test_sampling == 3  # just enough: starts 0, 1, 2
+
+
 def test_video_folder_loaders(tmp_path):
-    for split, count in (("train", 3), ("test", 1)):
-        for cls in ("a", "b"):
-            (tmp_path / split / cls).mkdir(parents=True)
-            for i in range(count):
-                write_mp4(tmp_path / split / cls / f"{i}.mp4", frames=10, shade=0 if cls == "a" else 90)
+    write_video_folder(tmp_path, {"train": 3, "test": 1})
     data = VideoFolderDataModule(str(tmp_path), frames_per_clip=4, frame_stride=2, frame_size=16, batch_size=2, num_workers=0, val_fraction=0.34)
     data.setup("fit")
     assert data.classes == ["a", "b"] and data.input_spec.shape == (4, 16, 16)
@@ -94,10 +182,7 @@ def test_video_folder_loaders(tmp_path):
 
 
 def test_video_folder_test_fraction_carves_the_test_split(tmp_path):
-    for cls in ("a", "b"):
-        (tmp_path / "train" / cls).mkdir(parents=True)
-        for i in range(4):
-            write_mp4(tmp_path / "train" / cls / f"{i}.mp4", frames=6, shade=0 if cls == "a" else 90)
+    write_video_folder(tmp_path, {"train": 4}, frames=6)
     data = VideoFolderDataModule(str(tmp_path), frames_per_clip=2, frame_size=16, num_workers=0, test_fraction=0.25, val_fraction=0.34)
     data.setup("fit")
     test = {path for path, _ in data.splits.test.samples}

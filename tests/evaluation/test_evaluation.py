@@ -107,10 +107,10 @@ def test_few_label_probe_trains_on_the_self_training_split(monkeypatch):
 
     def probe(train, val, test, num_classes, **settings):
         seen.update(train=train, settings=settings)
-        return "result"
+        return P.ProbeResult(0.5, 0.5, {"lr": 0.1}, len(train), 0.0)
 
     monkeypatch.setattr("ssl_kit.evaluation.linear.linear_probe", probe)
-    assert P.few_label(train, VAL, TEST, 10, labels_per_class=3, seed=7, epochs=5) == "result"
+    assert P.few_label(train, VAL, TEST, 10, labels_per_class=3, seed=7, epochs=5).chosen == {"lr": 0.1, "selection": "val"}
     labeled, _ = few_label_split(train.labels.numpy(), 3, None, 7)
     assert torch.equal(seen["train"].features, train.features[labeled])
     assert np.bincount(seen["train"].labels.numpy()).tolist() == [3] * 10

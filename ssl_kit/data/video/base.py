@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
+from torch.utils.data import Dataset
 
 from ssl_kit.data.base import SSLDataModule, Splits
+from ssl_kit.data.datasets import Transformed
 from ssl_kit.data.samples import Samples
 from ssl_kit.data.splits import stratified_split
-from ssl_kit.data.video.files import VideoFiles
+from ssl_kit.data.video.files import ClipSampling, VideoFiles
 from ssl_kit.inputs import InputSpec
 from ssl_kit.transforms.base import ViewAugmentation
-from ssl_kit.transforms.video import VideoEval, VideoViews
+from ssl_kit.transforms.video import VideoEval, VideoTestViews, VideoViews
 
 
 class VideoDataModule(SSLDataModule):
     """Base of the video DataModules: ``frames_per_clip`` frames ``frame_stride`` apart at
     ``frame_size`` pixels make the input, a clip ``(3, frames, height, width)`` (``input_spec``,
-    linked into the model)."""
+    linked into the model).
+
+    Multi-view testing (VideoMAE's 5 clips x 3 crops): ``test_clips`` clips evenly spaced over each
+    test video x ``test_crops`` crops along its long side make a test sample a stack of
+    ``test_views`` clips ``(views, 3, frames, height, width)``, which the linear probe, kNN and
+    fine-tuning score by the mean of their views' scores; train and validation keep one central clip."""
 
     default_frame_size = 112
 
@@ -30,10 +35,16 @@ class VideoDataModule(SSLDataModule):
         frame_stride: int = 2,
         frame_size: int | None = None,
         views: ViewAugmentation | None = None,
+        test_clips: int = 1,
+        test_crops: int = 1,
         **kwargs,
     ) -> None:
         if kwargs.get("image_size") is not None:
             raise ValueError("--data.image_size is for images: a clip's frames are --data.frame_size pixels")
+        if test_clips < 1 or test_crops < 1:
+            raise ValueError(f"--data.test_clips and --data.test_crops must be at least 1, got {test_clips} and {test_crops}")
+        self.test_clips, self.test_crops = test_clips, test_crops
+        self.test_views = test_clips * test_crops
         self.frames_per_clip = frames_per_clip
         self.frame_stride = frame_stride
         self.frame_size = frame_size or self.default_frame_size
@@ -46,7 +57,19 @@ class VideoDataModule(SSLDataModule):
     def eval_transform(self) -> VideoEval:
         return VideoEval(self.frame_size, self.mean, self.std)
 
-    def files(self, samples: Samples, sampling: Literal["random", "center"] = "center") -> VideoFiles:
+    def labeled_dataset(self, split: str) -> Dataset:
+        """As the base's, but the test split's samples are their ``test_views`` views when there are several."""
+        labeled = super().labeled_dataset(split)
+        if split == "test" and self.test_views > 1:
+            return Transformed(labeled.base, VideoTestViews(self.frame_size, self.mean, self.std, self.test_crops))
+        return labeled
+
+    @property
+    def test_sampling(self) -> ClipSampling:
+        """How the test split's clips are cut from a video: the central one, or ``test_clips`` of them for multi-view testing."""
+        return "center" if self.test_views == 1 else self.test_clips
+
+    def files(self, samples: Samples, sampling: ClipSampling = "center") -> VideoFiles:
         return VideoFiles(samples, self.frames_per_clip, self.frame_stride, sampling, self.skipped_files, self.decoded_cache)
 
     def sample_splits(
@@ -63,7 +86,7 @@ class VideoDataModule(SSLDataModule):
             pretrain=self.files(train, "random"),
             train=self.files(train, "center"),
             val=self.files(val, "center"),
-            test=None if test is None else self.files(test, "center"),
+            test=None if test is None else self.files(test, self.test_sampling),
         )
 
     def holdout_groups(self, samples: Samples, groups: list[str] | list[int]) -> tuple[Samples, Samples]:

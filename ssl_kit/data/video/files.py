@@ -55,21 +55,34 @@ def read_video(path: Source | Path) -> Tensor:
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
 
 
-def clip_indices(num_frames: int, frames_per_clip: int, stride: int, sampling: Literal["random", "center"]) -> np.ndarray:
+#: How a clip is cut from a video: at a random or the central offset, or N clips (multi-view testing).
+ClipSampling = Literal["random", "center"] | int
+
+
+def clip_indices(num_frames: int, frames_per_clip: int, stride: int, sampling: ClipSampling) -> np.ndarray:
     """Frame indices of one clip: ``frames_per_clip`` frames ``stride`` apart, starting at a
-    random or the central offset. A video shorter than the span repeats its last frame (the
+    random or the central offset; or, for an int N, of N clips ``(N, frames_per_clip)`` whose
+    starts are evenly spaced from the first frame to the last start (VideoMAE's multi-view test;
+    N = 1: the central clip). A video shorter than the span repeats its last frame (the
     documented rule for short clips)."""
     span = (frames_per_clip - 1) * stride + 1
     room = max(0, num_frames - span)
-    start = int(np.random.randint(0, room + 1)) if sampling == "random" else room // 2
+    if sampling == "random":
+        start = int(np.random.randint(0, room + 1))
+    elif sampling == "center":
+        start = room // 2
+    else:
+        starts = np.array([room // 2]) if sampling == 1 else (np.arange(sampling) * room / (sampling - 1)).astype(np.int64)
+        start = starts[:, None]
     return np.minimum(start + np.arange(frames_per_clip) * stride, num_frames - 1)
 
 
 class VideoFiles(LabeledFiles):
-    """One clip per video file or frame folder per epoch (see ``read_video`` and ``clip_indices``)."""
+    """One clip per video file or frame folder per epoch (see ``read_video`` and ``clip_indices``);
+    ``sampling`` N: a stack of N clips ``(N, T, C, H, W)`` (multi-view testing)."""
 
     def __init__(
-        self, samples: Samples, frames_per_clip: int, stride: int, sampling: Literal["random", "center"],
+        self, samples: Samples, frames_per_clip: int, stride: int, sampling: ClipSampling,
         skipped: SkippedFiles | None = None, cache: DecodedCache | None = None,
     ) -> None:  # fmt: skip
         super().__init__(samples, skipped, cache)
