@@ -25,13 +25,13 @@ def plot_dataset(dataset: str, board: Board, curves: dict[str, list[tuple[float,
     columns, ranked = board
     rows = [(label, row) for label, row in ranked if any(entry["gain"] is not None for entry in row.values())]
     height = max(3.5, 1.6 + 0.16 * len(rows) * len(columns))
-    figure = Figure(figsize=(13 if curves else 7, height), layout="constrained")
+    figure = Figure(figsize=(18 if curves else 10, height), layout="constrained")
     axes = figure.subplots(1, 2 if curves else 1, squeeze=False)[0]
     figure.suptitle(dataset, fontweight="bold")
     plot_gains(axes[0], columns, rows)
     if curves:
         plot_curves(axes[1], curves)
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100, bbox_inches="tight")  # long method labels must not push the axes out
     return Path(path)
 
 
@@ -52,7 +52,7 @@ def plot_gains(ax, columns, rows) -> None:
     ax.axvline(0, color="grey", linewidth=1)
     ax.set_yticks(range(len(rows)), [label for label, _ in rows])
     ax.invert_yaxis()
-    ax.set(xlabel="gain over random init of the same backbone (points)", title="gain over random-init features")
+    ax.set(xlabel="points over random init of the same backbone", title="gain over random-init features")
     if rows:
         ax.legend(loc="best", fontsize="small")
     else:
@@ -73,7 +73,7 @@ def plot_curves(ax, curves: dict[str, list[tuple[float, float, float]]]) -> None
     handles = [Line2D([], [], **method_style(i, len(methods)), label=method) for i, method in enumerate(methods)]
     if any(label.startswith(LIGHTLY) for label in curves):
         handles += [Line2D([], [], color="grey", label="ssl_kit"), Line2D([], [], color="grey", linestyle="--", label="lightly's pipeline")]
-    ax.legend(handles=handles, loc="lower right", fontsize="small")
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")  # beside the panel: inside it would hide lines
 
 
 def method_style(index: int, count: int) -> dict:
