@@ -28,6 +28,12 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     return dist_nn.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
+def global_mean(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean over dim 0 of every rank's rows, and their number (one all-reduce; unequal batches are exact)."""
+    totals = all_reduce_sum(torch.cat([rows.sum(dim=0), rows.new_tensor([rows.shape[0]])]))
+    return totals[:-1] / totals[-1], totals[-1]
+
+
 def gather_cat(tensor: Tensor) -> Tensor:
     """Concatenation of every rank's tensor along dim 0, differentiable (identity on one process)."""
     if world_size() == 1:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_kit.distributed import all_reduce_sum
+from ssl_kit.distributed import global_mean
 from ssl_kit.losses.msn import full_precision
 
 
@@ -74,10 +74,8 @@ class CenteredSharpening(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher: Tensor) -> None:
         """center <- m * center + (1 - m) * mean of every teacher output row of every rank."""
-        rows = full_precision(teacher.detach()).reshape(-1, teacher.shape[-1])
-        total = all_reduce_sum(rows.sum(dim=0, keepdim=True))
-        count = all_reduce_sum(torch.tensor(float(rows.shape[0]), dtype=rows.dtype, device=rows.device))
-        self.center.mul_(self.center_momentum).add_(total / count, alpha=1.0 - self.center_momentum)
+        mean, _ = global_mean(full_precision(teacher.detach()).reshape(-1, teacher.shape[-1]))
+        self.center.mul_(self.center_momentum).add_(mean, alpha=1.0 - self.center_momentum)
 
 
 class DINOLoss(CenteredSharpening):

@@ -14,13 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_kit.distributed import all_reduce_sum, gather_cat
-
-
-def global_mean(rows: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean over dim 0 of every rank's rows, and their number (one all-reduce; unequal batches are exact)."""
-    totals = all_reduce_sum(torch.cat([rows.sum(dim=0), rows.new_tensor([rows.shape[0]])]))
-    return totals[:-1] / totals[-1], totals[-1]
+from ssl_kit.distributed import all_reduce_sum, gather_cat, global_mean
 
 
 def ema_(average: Tensor, value: Tensor, momentum: float) -> None:
