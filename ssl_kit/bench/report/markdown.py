@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ssl_kit.bench.report.summary import RULES, at_a_glance, board_note, best_means, budget_text, column_name, dataset_boards, gain_label, percent, provenance_of, summarize
+from ssl_kit.bench.report.summary import RULES, at_a_glance, board_note, best_means, budget_text, column_name, dataset_boards, gain_label, percent, provenance_of, seed_counts, summarize
 
 
 def markdown(rows: list[dict], description: str = "", plots: dict[str, Path] | None = None) -> str:
@@ -14,7 +14,7 @@ def markdown(rows: list[dict], description: str = "", plots: dict[str, Path] | N
     boards = dataset_boards(summarize(rows))
     lines = ["# Benchmark leaderboard", "", "## At a glance", ""] + [f"- {at_a_glance(dataset, board)}" for dataset, board in boards.items()]
     for dataset, (columns, ranked) in boards.items():
-        seeds = {entry["n"] for _, row in ranked for entry in row.values()}
+        show_n = len(seed_counts(ranked)) > 1
         best = best_means(columns, ranked)
         lines += [
             "",
@@ -28,7 +28,7 @@ def markdown(rows: list[dict], description: str = "", plots: dict[str, Path] | N
             # With unequal seed counts the number of seeds moves from the footnote into the cells.
             if entry is None:
                 return "–"
-            value = percent(entry) + (f" (n={entry['n']})" if len(seeds) > 1 else "")
+            value = percent(entry) + (f" (n={entry['n']})" if show_n else "")
             value = f"**{value}**" if entry["mean"] == best[(entry["protocol"], entry["metric"])] else value
             gain = gain_label(entry)
             return f"{value}, {gain}" if gain else value

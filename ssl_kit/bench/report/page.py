@@ -9,7 +9,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from ssl_kit.bench.report.summary import RANDOM_INIT, RULES, at_a_glance, best_means, board_note, budget_text, column_name, dataset_boards, gain_label, gain_text, percent, provenance_of, summarize
+from ssl_kit.bench.report.summary import RANDOM_INIT, RULES, at_a_glance, best_means, board_note, budget_text, column_name, dataset_boards, gain_label, gain_text, percent, provenance_of, seed_counts, summarize
 
 # The HTML table's columns: (summary field, header, format). Text columns (no format) sort by
 # their text, numeric ones by the field's value in ``data-v``.
@@ -101,11 +101,11 @@ def pivot(dataset: str, columns, ranked, figure: Path | None) -> str:
     """One dataset's section: methods x protocols, the budget column, the headline figure."""
     escape = html_lib.escape
     best = best_means(columns, ranked)
-    seeds = sorted({entry["n"] for _, row in ranked for entry in row.values()})
+    show_n = len(seed_counts(ranked)) > 1
     head = "".join(f"<th>{escape(column_name(c))}</th>" for c in columns)
     body = "\n".join(
         f'<tr{" class=reference" if next(iter(row.values()))["method"] == RANDOM_INIT else ""}><td>{escape(label)}</td>'
-        + "".join(pivot_cell(row.get(c), best[c], len(seeds) > 1) for c in columns)
+        + "".join(pivot_cell(row.get(c), best[c], show_n) for c in columns)
         + f"<td>{escape(budget_text(row))}</td></tr>"
         for label, row in ranked
     )

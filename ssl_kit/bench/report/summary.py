@@ -222,9 +222,14 @@ def plural(count: float, noun: str) -> str:
     return f"{count:g} {noun}" + ("" if count == 1 else "s")
 
 
+def seed_counts(ranked: list[tuple[str, dict[Column, dict]]]) -> set[int]:
+    """The distinct seed counts of a pivot's cells: more than one puts each cell's count in the cell."""
+    return {entry["n"] for _, row in ranked for entry in row.values()}
+
+
 def board_note(ranked: list[tuple[str, dict[Column, dict]]]) -> str:
     """The footnote of a dataset's pivot (Markdown and HTML say the same)."""
-    seeds = {entry["n"] for _, row in ranked for entry in row.values()}
+    seeds = seed_counts(ranked)
     over = plural(seeds.pop(), "seed") if len(seeds) == 1 else "n seeds (in brackets)"
     folds = {len(entry["folds"]) for _, row in ranked for entry in row.values()}
     if folds != {0}:  # cross-validation: a fold's value is the mean over its seeds
