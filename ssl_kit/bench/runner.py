@@ -44,6 +44,8 @@ from ssl_kit.cli import SSLCLI
 from ssl_kit.data.datasets import Transformed, labels_of
 from ssl_kit.checkpoints import read_checkpoint, resume_checkpoint
 from ssl_kit.data.splits import stratified_split
+from ssl_kit.models.backbones import BackboneSpec
+from ssl_kit.models.saved import export_backbone
 from ssl_kit.semi import MeanTeacher
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 DEFAULT_STORE = "benchmarks/results/bench.sqlite"
 #: Trainer settings that feature extraction and fine-tuning share with the pretraining run.
 SHARED_TRAINER_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision")
+#: The network a trained cell delivers, in its folder (``export_backbone``'s state dict and spec).
+BACKBONE_FILE = "backbone.pt"
 
 
 @dataclass
@@ -66,7 +70,13 @@ class Entry:
     after its args (``--data.fold K``: ESC-50 and fold-numbered AudioFolders; FSDD's speakers:
     ``fold_arg: --data.test_speaker`` with ``--data.split speaker``), so that fold is the test split
     of its DataModule and pretraining and probes train on the others; each fold's rows carry it, and
-    the report gives the mean ± std over folds."""
+    the report gives the mean ± std over folds.
+
+    ``init_from``: pretrain -> self-train. The method of another entry on the same dataset whose
+    pretrained backbone (same seed and fold) starts this entry's run (``--model.init_from``; a
+    ``MeanTeacher`` entry's student and teacher). That entry's cell leaves its final backbone in its
+    folder (``BACKBONE_FILE``); where it has not run on this machine, this cell runs its pretraining
+    first, in a folder of its own."""
 
     method: str
     dataset: str
@@ -79,24 +89,29 @@ class Entry:
     reference: str | None = None
     folds: list[int | str] | None = None
     fold_arg: str = "--data.fold"
+    init_from: str | None = None
 
 
 #: Entry fields added after stores were written: at these values they stay out of a cell's key, so
 #: stored cells keep theirs (``seeds`` and ``folds`` never enter: the cell's own seed and fold do).
-LATER_FIELDS = {"pipeline": "ssl_kit", "reference": None, "fold_arg": "--data.fold"}
+LATER_FIELDS = {"pipeline": "ssl_kit", "reference": None, "fold_arg": "--data.fold", "init_from": None}
 #: Protocol settings added after stores were written, at the value every earlier row had: written
 #: out in a suite, they stay out of its cells' keys too (``few_label``'s choice on the whole val split).
 LATER_PROTOCOL_SETTINGS = {"few_label": {"selection": "val"}}
 
 
-def cell_key(suite: str, entry: Entry, seed: int, protocols: dict[str, dict[str, Any]], fold: int | str | None = None) -> str:
-    """Stable id of a cell: changes whenever anything that shapes its numbers changes."""
+def cell_key(
+    suite: str, entry: Entry, seed: int, protocols: dict[str, dict[str, Any]], fold: int | str | None = None, init_key: str | None = None
+) -> str:
+    """Stable id of a cell: changes whenever anything that shapes its numbers changes (for an
+    ``init_from`` entry, ``init_key``: the key of the cell it starts from)."""
     fields_ = {k: v for k, v in asdict(entry).items() if k not in ("seeds", "folds") and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
     keyed = {
         name: {k: v for k, v in settings.items() if (k, v) not in LATER_PROTOCOL_SETTINGS.get(name, {}).items()}
         for name, settings in protocols.items()
     }
     cell = {"suite": suite, "entry": fields_, "seed": seed, "protocols": keyed} | ({"fold": fold} if fold is not None else {})
+    cell |= {"init": init_key} if init_key is not None else {}
     payload = json.dumps(cell, sort_keys=True)
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
@@ -115,10 +130,13 @@ class Cell:
     """One entry x seed (x fold): pretrain (or load), extract, evaluate; returns the store rows."""
 
     def __init__(
-        self, suite: str, entry: Entry, seed: int, protocols: dict[str, dict[str, Any]], root: Path, fold: int | str | None = None
-    ) -> None:
+        self, suite: str, entry: Entry, seed: int, protocols: dict[str, dict[str, Any]], root: Path, fold: int | str | None = None,
+        init: Entry | None = None,
+    ) -> None:  # fmt: skip
         self.suite, self.entry, self.seed, self.protocols, self.fold = suite, entry, seed, protocols, fold
-        self.key = cell_key(suite, entry, seed, protocols, fold)
+        # the init_from entry's cell of the same seed and fold, whose backbone this one starts from
+        self.init = Cell(suite, init, seed, protocols, root, fold) if init is not None else None
+        self.key = cell_key(suite, entry, seed, protocols, fold, self.init.key if self.init is not None else None)
         self.root = root / suite / self.key
 
     def __str__(self) -> str:
@@ -127,12 +145,25 @@ class Cell:
     def fit_args(self) -> list[str]:
         return [
             "--config", self.entry.config, *self.entry.args, *([self.entry.fold_arg, str(self.fold)] if self.fold is not None else []),
+            *(["--model.init_from", str(self.initial_backbone())] if self.init is not None else []),
             "--seed_everything", str(self.seed), "--trainer.default_root_dir", str(self.root),
         ]  # fmt: skip
 
+    def initial_backbone(self) -> Path:
+        """The ``init_from`` entry's final backbone: its cell's, or pretrained now under this cell."""
+        finished = self.init.root / BACKBONE_FILE
+        if finished.is_file():
+            return finished
+        own = Cell(self.suite, self.init.entry, self.seed, {}, self.root, self.fold)  # {}: no snapshots; its folder is set next
+        own.root = self.root / "init"
+        log.warning("cell %s (%s): pretraining %s first, in %s", self.key, self, own.entry.method, own.root)
+        own.pretrain()
+        return own.root / BACKBONE_FILE
+
     def pretrain(self) -> tuple[SSLCLI, nn.Module, float | None]:
-        """The run (its DataModule, model and config), the trained network to evaluate, and its
-        pretraining samples/s (None: no training steps, e.g. random init)."""
+        """The run (its DataModule, model and config), the trained network to evaluate (also left in
+        the cell's folder as ``BACKBONE_FILE``), and its pretraining samples/s (None: no training
+        steps, e.g. random init)."""
         cli = SSLCLI(args=self.fit_args(), run=False)
         if self.entry.checkpoint is not None:
             state = read_checkpoint(self.entry.checkpoint)["state_dict"]
@@ -152,6 +183,9 @@ class Cell:
         seconds = time.perf_counter() - start
         if cli.trainer.interrupted:
             raise RuntimeError(f"cell {self.key}: pretraining was interrupted; re-run the suite to resume from {self.root / 'checkpoints'}")
+        if cli.trainer.is_global_zero:
+            save_backbone(network, cli.model.backbone_spec, self.root / BACKBONE_FILE)
+        cli.trainer.strategy.barrier("backbone saved")  # a self-training cell on every rank reads it next
         samples = (cli.trainer.global_step - done_before) * cli.datamodule.batch_size * cli.trainer.world_size  # this process's steps
         return cli, network, samples / seconds if samples and seconds > 0 else None
 
@@ -222,6 +256,13 @@ class Cell:
             result = P.linear_segmentation(network, data.input_spec, seed=self.seed, **self.protocols.get("segmentation", {}))
             values["segmentation", "miou"], chosen["segmentation"] = result.test_miou, result.chosen
         return values, chosen
+
+
+def save_backbone(network: nn.Module, spec: BackboneSpec, path: Path) -> None:
+    """``export_backbone`` through a temporary name: the file exists only once it is whole."""
+    partial = export_backbone(network.state_dict(), spec, path.with_name(path.name + ".partial"))
+    Path(f"{partial}.json").replace(f"{path}.json")
+    partial.replace(path)
 
 
 def evaluated_network(model: L.LightningModule) -> nn.Module:
@@ -308,7 +349,7 @@ def run_suite(
     finished = results.finished_cells(name)
     entries = [replace(entry, args=[*dataset_args.get(entry.dataset, []), *entry.args]) for entry in entries]
     cells = [
-        Cell(name, entry, seed, protocols, Path(workdir), fold)
+        Cell(name, entry, seed, protocols, Path(workdir), fold, init_entry(entry, entries))
         for entry in entries for seed in (entry.seeds or seeds) for fold in (entry.folds or [None])
     ]  # fmt: skip
     todo = [cell for cell in cells if cell.key not in finished]
@@ -327,6 +368,20 @@ def run_suite(
     if report is not None:
         _render(store, report, name, description)
     return ran
+
+
+def init_entry(entry: Entry, entries: list[Entry]) -> Entry | None:
+    """The entry that ``entry.init_from`` names: the one of that method on the same dataset."""
+    if entry.init_from is None:
+        return None
+    named = [other for other in entries if other.method == entry.init_from and other.dataset == entry.dataset]
+    if len(named) != 1:
+        methods = sorted({other.method for other in entries if other.dataset == entry.dataset and other.method != entry.method})
+        raise ValueError(
+            f"entry {entry.method} on {entry.dataset}: init_from {entry.init_from!r} must name exactly one entry of that dataset "
+            f"(found {len(named)}); its methods: {methods}"
+        )
+    return named[0]
 
 
 @contextmanager

@@ -96,6 +96,53 @@ def test_suite_writes_one_row_per_protocol_and_skips_finished_cells(tmp_path, mo
     assert ran == [1, 1] and len(store.rows("tiny")) == 8
 
 
+def same_weights(path_a, path_b) -> bool:
+    a, b = (torch.load(path, weights_only=True) for path in (path_a, path_b))
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.mark.slow
+def test_init_from_entry_self_trains_from_the_pretrained_cells_backbone(tmp_path):
+    """Pretrain -> self-train in one suite: an ``init_from`` entry starts from the named entry's
+    final backbone of the same seed (its cell's ``backbone.pt``). With no self-training steps the
+    teacher it delivers is that backbone exactly. Where the pretraining cell has not run yet, the
+    self-training cell pretrains it first in its own folder, with the same seed."""
+    path, suite = suite_file(tmp_path, seeds=[0], protocols={"knn": {"k": 5}, "few_label": {"labels_per_class": 5, "epochs": 5}})
+    simclr, teacher = suite["entries"]
+    teacher = {**teacher, "method": "MeanTeacher from SimCLR", "init_from": "SimCLR", "args": [*teacher["args"], "--trainer.max_epochs", "0"]}
+    suite["entries"] = [simclr, teacher]
+    path.write_text(yaml.safe_dump(suite))
+    run_main("--config", str(path))
+    rows = ResultStore(suite["store"]).rows("tiny")
+    cells = {row["method"]: row["cell"] for row in rows}
+    runs = tmp_path / "runs" / "tiny"
+    pretrained = runs / cells["SimCLR"] / "backbone.pt"
+    (self_trained,) = [row for row in rows if row["method"] == "MeanTeacher from SimCLR"]
+    assert self_trained["protocol"] == "few_label"
+    assert self_trained["config"]["fit"]["model"]["init_args"]["init_from"] == str(pretrained)
+    assert same_weights(runs / cells["MeanTeacher from SimCLR"] / "backbone.pt", pretrained)
+    assert not (runs / cells["MeanTeacher from SimCLR"] / "init").exists()  # the SimCLR cell's run was reused
+
+    # the self-training cell first: it pretrains SimCLR under its own folder, seed 0 as the cell
+    suite |= {"name": "first", "entries": [teacher, simclr], "workdir": str(tmp_path / "other")}
+    path.write_text(yaml.safe_dump(suite))
+    run_main("--config", str(path))
+    (row,) = [row for row in ResultStore(suite["store"]).rows("first") if row["method"] == "MeanTeacher from SimCLR"]
+    own = tmp_path / "other" / "first" / row["cell"]
+    assert (own / "init" / "backbone.pt").is_file() and (own / "init" / "checkpoints" / "last.ckpt").is_file()
+    assert same_weights(own / "backbone.pt", own / "init" / "backbone.pt")
+
+    # the pretraining entry shapes the self-training cell's key; a name that fits no entry is an error
+    from ssl_kit.bench.runner import Entry, init_entry
+
+    entries = [Entry(**simclr), Entry(**teacher)]
+    changed = Entry(**{**simclr, "args": ["--model.lr", "0.1"]})
+    key = Cell("s", entries[1], 0, {}, tmp_path, init=init_entry(entries[1], entries)).key
+    assert Cell("s", entries[1], 0, {}, tmp_path, init=changed).key != key
+    with pytest.raises(ValueError, match=r"init_from 'MoCoV3' must name exactly one entry of that dataset.*\['SimCLR'\]"):
+        init_entry(Entry(**{**teacher, "init_from": "MoCoV3"}), entries)
+
+
 def wait_for(condition, timeout: float) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
