@@ -150,7 +150,10 @@ class Cell:
         ]  # fmt: skip
 
     def initial_backbone(self) -> Path:
-        """The ``init_from`` entry's final backbone: its cell's, or pretrained now under this cell."""
+        """The ``init_from`` entry's final backbone: its checkpoint, its cell's, or pretrained now
+        under this cell."""
+        if self.init.entry.checkpoint is not None:
+            return Path(self.init.entry.checkpoint)
         finished = self.init.root / BACKBONE_FILE
         if finished.is_file():
             return finished

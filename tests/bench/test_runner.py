@@ -139,6 +139,8 @@ def test_init_from_entry_self_trains_from_the_pretrained_cells_backbone(tmp_path
     changed = Entry(**{**simclr, "args": ["--model.lr", "0.1"]})
     key = Cell("s", entries[1], 0, {}, tmp_path, init=init_entry(entries[1], entries)).key
     assert Cell("s", entries[1], 0, {}, tmp_path, init=changed).key != key
+    loaded = Entry(**{**simclr, "checkpoint": str(pretrained)})  # a checkpoint entry: its file, nothing trained
+    assert Cell("s", entries[1], 0, {}, tmp_path, init=loaded).initial_backbone() == pretrained
     with pytest.raises(ValueError, match=r"init_from 'MoCoV3' must name exactly one entry of that dataset.*\['SimCLR'\]"):
         init_entry(Entry(**{**teacher, "init_from": "MoCoV3"}), entries)
 
