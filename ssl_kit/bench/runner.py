@@ -44,7 +44,6 @@ from ssl_kit.cli import SSLCLI
 from ssl_kit.data.datasets import Transformed, labels_of
 from ssl_kit.checkpoints import read_checkpoint, resume_checkpoint
 from ssl_kit.data.splits import stratified_split
-from ssl_kit.models.backbones import BackboneSpec
 from ssl_kit.models.saved import export_backbone
 from ssl_kit.semi import MeanTeacher
 
@@ -187,7 +186,7 @@ class Cell:
         if cli.trainer.interrupted:
             raise RuntimeError(f"cell {self.key}: pretraining was interrupted; re-run the suite to resume from {self.root / 'checkpoints'}")
         if cli.trainer.is_global_zero:
-            save_backbone(network, cli.model.backbone_spec, self.root / BACKBONE_FILE)
+            export_backbone(network.state_dict(), cli.model.backbone_spec, self.root / BACKBONE_FILE)  # whole, or not there
         cli.trainer.strategy.barrier("backbone saved")  # a self-training cell on every rank reads it next
         samples = (cli.trainer.global_step - done_before) * cli.datamodule.batch_size * cli.trainer.world_size  # this process's steps
         return cli, network, samples / seconds if samples and seconds > 0 else None
@@ -259,13 +258,6 @@ class Cell:
             result = P.linear_segmentation(network, data.input_spec, seed=self.seed, **self.protocols.get("segmentation", {}))
             values["segmentation", "miou"], chosen["segmentation"] = result.test_miou, result.chosen
         return values, chosen
-
-
-def save_backbone(network: nn.Module, spec: BackboneSpec, path: Path) -> None:
-    """``export_backbone`` through a temporary name: the file exists only once it is whole."""
-    partial = export_backbone(network.state_dict(), spec, path.with_name(path.name + ".partial"))
-    Path(f"{partial}.json").replace(f"{path}.json")
-    partial.replace(path)
 
 
 def evaluated_network(model: L.LightningModule) -> nn.Module:

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ssl_kit.checkpoints import read_checkpoint, saved_input_spec
+from ssl_kit.checkpoints import AtomicCheckpointIO, read_checkpoint, saved_input_spec
 from ssl_kit.inputs import InputSpec
 from ssl_kit.models.backbones import BackboneSpec, backbone_spec, build_from_spec
 
@@ -47,15 +47,16 @@ def backbone_from_checkpoint(ckpt_path: str | Path) -> tuple[dict[str, torch.Ten
 
 
 def export_backbone(state_dict: dict[str, torch.Tensor], spec: BackboneSpec, out: str | Path) -> Path:
-    """Writes ``<out>`` (a plain state dict) and ``<out>.json`` (how to build the model for it).
+    """Writes ``<out>.json`` (how to build the model), then ``<out>`` (a plain state dict) as
+    checkpoints are written (``AtomicCheckpointIO``): ``<out>`` exists only once both are whole.
 
     For standard variants ``timm.create_model(name, num_classes=0).load_state_dict(torch.load(out))``
     works; ``load_exported_backbone`` handles the small-image variants too.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state_dict, out)
     out.with_suffix(out.suffix + ".json").write_text(spec.to_json())
+    AtomicCheckpointIO().save_checkpoint(state_dict, out)
     return out
 
 
