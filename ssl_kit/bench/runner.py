@@ -141,10 +141,10 @@ class Cell:
     def __str__(self) -> str:
         return f"{self.entry.method} on {self.entry.dataset}, seed {self.seed}" + (f", fold {self.fold}" if self.fold is not None else "")
 
-    def fit_args(self) -> list[str]:
+    def fit_args(self, init_from: Path | None = None) -> list[str]:
         return [
             "--config", self.entry.config, *self.entry.args, *([self.entry.fold_arg, str(self.fold)] if self.fold is not None else []),
-            *(["--model.init_from", str(self.initial_backbone())] if self.init is not None else []),
+            *(["--model.init_from", str(init_from)] if init_from is not None else []),
             "--seed_everything", str(self.seed), "--trainer.default_root_dir", str(self.root),
         ]  # fmt: skip
 
@@ -166,7 +166,7 @@ class Cell:
         """The run (its DataModule, model and config), the trained network to evaluate (also left in
         the cell's folder as ``BACKBONE_FILE``), and its pretraining samples/s (None: no training
         steps, e.g. random init)."""
-        cli = SSLCLI(args=self.fit_args(), run=False)
+        cli = SSLCLI(args=self.fit_args(self.initial_backbone() if self.init is not None else None), run=False)
         if self.entry.checkpoint is not None:
             state = read_checkpoint(self.entry.checkpoint)["state_dict"]
             cli.model.load_state_dict(state)
