@@ -28,6 +28,13 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     return dist_nn.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
+def all_reduce_max(tensor: Tensor) -> Tensor:
+    """Elementwise maximum over ranks, in place and not differentiable (identity on one process)."""
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def global_mean(rows: Tensor) -> tuple[Tensor, Tensor]:
     """Mean over dim 0 of every rank's rows, and their number (one all-reduce; unequal batches are exact)."""
     totals = all_reduce_sum(torch.cat([rows.sum(dim=0), rows.new_tensor([rows.shape[0]])]))

@@ -14,7 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations
 
-from ssl_kit.losses.dino import DINOLoss, IBOTPatchLoss
+from ssl_kit.losses.dino import Centering, DINOLoss, IBOTPatchLoss
 from ssl_kit.methods.base import SSLMethod
 from ssl_kit.methods.momentum import EMAUpdater, MomentumTargets, frozen_copy
 from ssl_kit.methods.msn import same_size_runs
@@ -61,7 +61,9 @@ class DINO(MomentumTargets, SSLMethod):
       all of them; an image ViT accepts the smaller local crops (``allow_any_input_size``).
     * Loss: ``ssl_kit.losses.dino.DINOLoss`` (teacher global crop i against student crop j != i,
       centring with a global-batch EMA, teacher temperature warmed up over
-      ``warmup_teacher_temp_fraction`` of the run).
+      ``warmup_teacher_temp_fraction`` of the run). ``centering="sinkhorn_knopp"``: DINOv2's
+      targets instead, balanced over the global batch by ``sinkhorn_iterations`` of Sinkhorn-Knopp
+      (no center), for the class-token and the iBOT term alike.
     * The head's last layer gets no update while the run is in its first
       ``freeze_last_layer_fraction`` (the official code: the first epoch; a fraction of the run here,
       so it suits epoch, step and wall-clock budgets alike): its gradient is dropped after clipping.
@@ -105,6 +107,8 @@ class DINO(MomentumTargets, SSLMethod):
         warmup_teacher_temp: float = 0.04,
         warmup_teacher_temp_fraction: float = 0.3,
         center_momentum: float = 0.9,
+        centering: Centering = "ema",
+        sinkhorn_iterations: int = 3,
         ema_momentum: float = 0.996,
         freeze_last_layer_fraction: float = 0.01,
         ibot_weight: float = 0.0,
@@ -143,7 +147,10 @@ class DINO(MomentumTargets, SSLMethod):
             interpolate_parameters(self.backbone, build_from_spec(self.backbone_spec), random_teacher_student_alpha)
             interpolate_parameters(self.projector, head(), random_teacher_student_alpha)
 
-        temperatures = dict(student_temp=student_temp, warmup_fraction=warmup_teacher_temp_fraction, center_momentum=center_momentum)
+        temperatures = dict(
+            student_temp=student_temp, warmup_fraction=warmup_teacher_temp_fraction, center_momentum=center_momentum,
+            centering=centering, sinkhorn_iterations=sinkhorn_iterations,
+        )  # fmt: skip
         self.criterion = DINOLoss(output_dim, teacher_temp=teacher_temp, warmup_teacher_temp=warmup_teacher_temp, same_view=random_teacher, **temperatures)
         if ibot_weight > 0:
             self.patch_criterion = IBOTPatchLoss(output_dim, teacher_temp=ibot_teacher_temp, warmup_teacher_temp=ibot_warmup_teacher_temp, **temperatures)

@@ -1,9 +1,10 @@
 """DINO with its iBOT and Random-Teacher options: the losses against their formulas (pairs without
-the same view, centring, temperatures, masked positions only), the teacher-temperature, weight
-decay and EMA schedules, the frozen last layer, the token interface with a mask token, the block
-masks, exactness of the center on 2 gloo processes, and short runs through the CLI. No learning
-check yet: at the MNIST check's budget (78-156 steps) neither DINO nor the Random-Teacher student
-beats random-init features (measured: linear 0.694-0.874 and 0.872 vs 0.889); see issue 18."""
+the same view, centring or DINOv2's Sinkhorn-Knopp targets, temperatures, masked positions only),
+the teacher-temperature, weight decay and EMA schedules, the frozen last layer, the token interface
+with a mask token, the block masks, exactness of the center and of the Sinkhorn-Knopp targets on 2
+gloo processes, and short runs through the CLI. No learning check yet: at the MNIST check's budget
+(78-156 steps) neither DINO nor the Random-Teacher student beats random-init features (measured:
+linear 0.694-0.874 and 0.872 vs 0.889); see issue 18."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from helpers import fit, fresh_copy
 from ddp import gloo_group, spawn_ranks
 from ssl_kit.inputs import InputSpec
-from ssl_kit.losses.dino import DINOLoss, IBOTPatchLoss, teacher_temperature
+from ssl_kit.losses.dino import DINOLoss, IBOTPatchLoss, sinkhorn_knopp_targets, teacher_temperature
 from ssl_kit.models.masking import beit_block_token_masks
 
 # Module-level imports stay light (torch, not lightning or lightly): the 2-process test's workers
@@ -66,6 +67,24 @@ def formula_ibot(teacher, student, masks, center, teacher_temp, student_temp=0.1
             per_image.append(sum(masked) / len(masked) if masked else 0.0)
         per_view.append(sum(per_image) / len(per_image))
     return sum(per_view) / len(per_view)
+
+
+def formula_sinkhorn_knopp(teacher: Tensor, temperature: float, iterations: int) -> Tensor:
+    """DINOv2's ``sinkhorn_knopp_teacher`` as its paper describes it: Q = exp(t / T) as a (K, B)
+    matrix scaled to sum 1, then per iteration rows (prototypes) to 1/K, columns (samples) to 1/B;
+    finally B Q, one distribution per sample."""
+    q = torch.exp(teacher.double() / temperature).T
+    prototypes, samples = q.shape
+    q = q / q.sum()
+    for _ in range(iterations):
+        q = q / q.sum(dim=1, keepdim=True) / prototypes
+        q = q / q.sum(dim=0, keepdim=True) / samples
+    return (q * samples).T
+
+
+def cross_entropy_to(target_row, student_row, student_temp) -> float:
+    p = softmax([s / student_temp for s in student_row])
+    return -sum(qk * math.log(pk) for qk, pk in zip(target_row, p))
 
 
 def views(count, batch=5, dim=7, seed=0, scale=2.0) -> list[Tensor]:
@@ -139,6 +158,41 @@ def test_dino_loss_agrees_with_lightly_on_one_process():
             assert torch.allclose(ours.center, theirs.center.view(1, 7), atol=1e-6)
 
 
+def test_sinkhorn_knopp_targets_follow_dinov2_and_agree_with_lightly():
+    """The targets of ``centering="sinkhorn_knopp"`` are DINOv2's: the formula above, and lightly's
+    SwAV ``sinkhorn`` with the teacher temperature as epsilon. Rows are distributions; with more
+    iterations every prototype gets the batch's equal share."""
+    from lightly.loss.swav_loss import sinkhorn as lightly_sinkhorn
+
+    teacher = 0.2 * torch.randn(12, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    got = sinkhorn_knopp_targets(teacher, 0.04, 3)
+    assert torch.allclose(got, formula_sinkhorn_knopp(teacher, 0.04, 3), atol=1e-12)
+    assert torch.allclose(got.float(), lightly_sinkhorn(teacher.float(), iterations=3, epsilon=0.04), atol=1e-5)
+    assert torch.allclose(got.sum(dim=1), torch.ones(12, dtype=torch.float64))
+    balanced = sinkhorn_knopp_targets(teacher, 0.04, 200)
+    assert torch.allclose(balanced.sum(dim=0), torch.full((5,), 12 / 5, dtype=torch.float64), rtol=1e-6)
+    # the global-maximum shift keeps logits far beyond exp's range finite, and changes nothing else
+    assert torch.allclose(sinkhorn_knopp_targets(teacher + 40.0, 0.04, 3), got, atol=1e-12)
+
+
+def test_dino_loss_with_sinkhorn_knopp_balances_both_teacher_views_together_and_keeps_no_center():
+    teacher, student = views(2, seed=12, scale=0.3), views(4, seed=13)
+    criterion = DINOLoss(7, teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_fraction=0.5, centering="sinkhorn_knopp")
+    targets = formula_sinkhorn_knopp(torch.cat(teacher), 0.055, 3).chunk(2)  # progress 0.25: T = 0.055
+    expected = [
+        sum(cross_entropy_to(q, s, 0.1) for q, s in zip(targets[i].tolist(), student[j].tolist())) / 5
+        for i in range(2) for j in range(4) if j != i
+    ]  # fmt: skip
+    got = criterion(teacher, student, 0.25).item()
+    assert got == pytest.approx(sum(expected) / len(expected), rel=1e-9)
+    per_view = [formula_sinkhorn_knopp(t, 0.055, 3) for t in teacher]  # balancing each view alone differs
+    alone = [sum(cross_entropy_to(q, s, 0.1) for q, s in zip(per_view[i].tolist(), student[j].tolist())) / 5 for i in range(2) for j in range(4) if j != i]
+    assert got != pytest.approx(sum(alone) / len(alone), rel=1e-4)
+    assert torch.equal(criterion.center, torch.zeros(1, 7))
+    with pytest.raises(ValueError, match="centering"):
+        DINOLoss(7, centering="softmax")
+
+
 def test_student_gets_the_gradient_teacher_none():
     teacher = [v.requires_grad_() for v in views(2, seed=10)]
     student = [v.requires_grad_() for v in views(3, seed=11)]
@@ -175,6 +229,24 @@ def test_ibot_patch_loss_matches_the_formula_at_masked_positions_only(progress, 
     # the center: every teacher patch token of both views, masked or not
     tokens = torch.cat(teacher).flatten(0, 1)
     assert torch.allclose(criterion.center.double(), 0.9 * center.double() + 0.1 * tokens.mean(0, keepdim=True), atol=1e-6)
+
+
+def test_ibot_patch_loss_with_sinkhorn_knopp_balances_the_masked_tokens_only():
+    """DINOv2 balances the teacher's tokens at the masked positions of both views together; the
+    loss then weighs them as the centred version does."""
+    teacher, student, masks = patch_problem(seed=2)
+    criterion = IBOTPatchLoss(5, teacher_temp=0.07, centering="sinkhorn_knopp")
+    balanced = formula_sinkhorn_knopp(torch.cat([t[m] for t, m in zip(teacher, masks)]), 0.07, 3)
+    balanced = iter(balanced.tolist())
+    per_view = []
+    for s_view, m_view in zip(student, masks):
+        per_image = []
+        for s_img, m_img in zip(s_view.tolist(), m_view.tolist()):
+            masked = [cross_entropy_to(next(balanced), s, 0.1) for s, m in zip(s_img, m_img) if m]
+            per_image.append(sum(masked) / len(masked) if masked else 0.0)
+        per_view.append(sum(per_image) / len(per_image))
+    assert criterion(teacher, student, masks, 1.0).item() == pytest.approx(sum(per_view) / 2, rel=1e-9)
+    assert torch.equal(criterion.center, torch.zeros(1, 5))
 
 
 def test_block_masks_follow_ibot_probability_ratio_and_shapes():
@@ -423,12 +495,12 @@ class ToyDINO(nn.Module):
     """A linear student and a frozen linear teacher; the loss inside forward, as Lightning's DDP
     wrapper runs training_step."""
 
-    def __init__(self) -> None:
+    def __init__(self, centering: str = "ema") -> None:
         super().__init__()
         torch.manual_seed(3)
         self.student = nn.Linear(IN_DIM, DIM).double()
         self.teacher = nn.Linear(IN_DIM, DIM).double().requires_grad_(False)
-        self.criterion = DINOLoss(DIM, teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_fraction=0.5)
+        self.criterion = DINOLoss(DIM, teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_fraction=0.5, centering=centering)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.criterion([self.teacher(v) for v in x[:2]], [self.student(v) for v in x], 0.25)
@@ -461,6 +533,15 @@ def run_cases(data: dict[str, Tensor], rows: slice) -> dict[str, Tensor]:
     masks, teacher, student = (data[key][:, rows].flatten(0, 1) for key in ("masks", "patches", "student_patches"))
     lightly_patch(teacher[masks].float(), student[masks].float(), masks.unsqueeze(-1))
     out["lightly_patch_center"] = lightly_patch.center.value.clone()
+
+    # Sinkhorn-Knopp: the global batch's targets (unequal masked counts for iBOT)
+    sk = ToyDINO(centering="sinkhorn_knopp")
+    wrapped = nn.parallel.DistributedDataParallel(sk) if dist.is_initialized() else sk
+    loss = wrapped(data["x"][:, rows])
+    loss.backward()
+    out.update(sk_loss=loss.detach(), sk_weight_grad=sk.student.weight.grad.clone())
+    sk_patch = IBOTPatchLoss(DIM, teacher_temp=0.07, centering="sinkhorn_knopp")
+    out["sk_patch_loss"] = sk_patch(list(data["patches"][:, rows]), list(data["student_patches"][:, rows]), list(data["masks"][:, rows]), 1.0)
     return out
 
 
@@ -511,6 +592,20 @@ def test_two_ranks_give_the_global_batch_loss_and_gradients(ranks, reference):
     assert reference["weight_grad"].abs().max() > 1e-4
 
 
+def test_two_ranks_balance_sinkhorn_knopp_targets_over_the_global_batch(ranks, reference):
+    """Under ``centering="sinkhorn_knopp"`` each rank's targets are its rows of the 1-process
+    targets (DINO's, and iBOT's over masked tokens that ranks hold in different numbers), so the
+    losses average to the 1-process loss and DDP's gradient is the 1-process gradient; balancing
+    each half alone gives another loss."""
+    local = run_cases(ddp_data(), slice(0, GLOBAL_BATCH // 2))
+    halves = [local, run_cases(ddp_data(), slice(GLOBAL_BATCH // 2, GLOBAL_BATCH))]
+    for key in ("sk_loss", "sk_patch_loss"):
+        assert sum(r[key] for r in ranks).item() / WORLD_SIZE == pytest.approx(reference[key].item(), rel=1e-10), key
+        assert sum(h[key] for h in halves).item() / 2 != pytest.approx(reference[key].item(), rel=1e-4), key
+    for r in ranks:
+        assert torch.allclose(r["sk_weight_grad"], reference["sk_weight_grad"], atol=1e-12, rtol=1e-9)
+
+
 # --------------------------------------------------------------------------------------------
 # short runs through the real CLI
 # --------------------------------------------------------------------------------------------
@@ -552,14 +647,16 @@ def test_cli_run_resnet_moves_the_teacher_and_ramps_the_weight_decay(tmp_path):
     assert cli.trainer.callback_metrics["train/teacher_temp"].item() == pytest.approx(model.criterion.temperature(3 / 4)) == pytest.approx(0.04)
 
 
-def test_cli_run_ibot_on_a_vit_trains_the_mask_token_and_keeps_the_frozen_last_layer(tmp_path):
-    cli = fit("dino_digits.yaml", tmp_path, *RUN, *VIT_IBOT)
+@pytest.mark.parametrize("centering", ["ema", "sinkhorn_knopp"])
+def test_cli_run_ibot_on_a_vit_trains_the_mask_token_and_keeps_the_frozen_last_layer(tmp_path, centering):
+    cli = fit("dino_digits.yaml", tmp_path, *RUN, *VIT_IBOT, "--model.centering", centering)
     check_run(cli)
     model, fresh = cli.model, fresh_copy(cli.model)
     assert not torch.equal(model.mask_token, fresh.mask_token)
     assert torch.equal(model.projector.last_layer.parametrizations.weight.original1, fresh.projector.last_layer.parametrizations.weight.original1)
     assert not torch.equal(model.projector.layers[0].weight, fresh.projector.layers[0].weight)
-    assert not torch.equal(model.patch_criterion.center, torch.zeros_like(model.patch_criterion.center))
+    for criterion in (model.criterion, model.patch_criterion):  # Sinkhorn-Knopp keeps no center
+        assert torch.equal(criterion.center, torch.zeros_like(criterion.center)) == (centering == "sinkhorn_knopp")
 
 
 def test_cli_run_random_teacher_keeps_its_initialisation(tmp_path):
