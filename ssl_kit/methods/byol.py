@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
-from torch import Tensor, nn
+from torch import Tensor
 
 from ssl_kit.methods.base import SSLMethod
 from ssl_kit.methods.momentum import MomentumEncoder, MomentumSchedule
@@ -30,11 +30,6 @@ class BYOL(MomentumEncoder, SSLMethod):
     ``is_training=True``) do; its running statistics are copied from the online network at each
     update. Under DDP on GPUs the BatchNorms are synchronised across ranks, as the official code's
     cross-replica BatchNorm.
-
-    ``projection_batch_norm``: a BatchNorm without affine parameters after the projector's output
-    layer (the end of SimSiam's and MoCo v3's projectors; not in BYOL's), in the online and the
-    target network alike. It removes the batch-mean direction from the targets, which a short run
-    otherwise drifts into before it learns anything else.
     """
 
     sync_batchnorm = True
@@ -48,13 +43,10 @@ class BYOL(MomentumEncoder, SSLMethod):
         ema_momentum: float = 0.99,
         ema_final_momentum: float = 1.0,
         ema_schedule: MomentumSchedule = "cosine",
-        projection_batch_norm: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.projector = BYOLProjectionHead(self.feature_dim, projection_hidden_dim, projection_dim)
-        if projection_batch_norm:
-            self.projector.layers.append(nn.BatchNorm1d(projection_dim, affine=False))
         self.predictor = BYOLPredictionHead(projection_dim, prediction_hidden_dim, projection_dim)
         self.build_momentum_encoder(ema_momentum, ema_final_momentum, ema_schedule)
         self.criterion = NegativeCosineSimilarity()
