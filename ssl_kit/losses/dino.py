@@ -12,8 +12,8 @@ the run's progress so epoch, step and wall-clock budgets all work. The student's
 ``centering="sinkhorn_knopp"`` is DINOv2's alternative: the teacher's targets are
 ``exp(t / T_teacher)`` balanced by Sinkhorn-Knopp over the global batch (every teacher view's
 rows together; for iBOT, every masked token's), so each prototype gets the same share of the
-batch from the first step and the targets cannot settle on the uniform distribution; no center
-is kept.
+batch from the first step and none can take over; no center is kept. (Sharpening, not balancing,
+keeps the targets from the uniform distribution, which satisfies the balance too.)
 
 lightly's ``DINOLoss`` computes the same value and center update on one process and under DDP
 with equal per-rank batches (``tests/methods/test_dino.py`` checks both); it is not used because
