@@ -42,7 +42,7 @@ def sinkhorn_knopp_targets(teacher: Tensor, temperature: float, iterations: int)
     """DINOv2's teacher targets: ``exp(t / T)`` over the rows of every rank, Sinkhorn-balanced so
     each row sums to 1 and each prototype gets the same mass. Shifted by the global maximum first
     (a constant factor, which the normalisation removes) so the exponential cannot overflow."""
-    logits = full_precision(teacher).double() / temperature
+    logits = teacher.double() / temperature
     top = logits.max() if logits.numel() else logits.new_tensor(float("-inf"))
     return sinkhorn(torch.exp(logits - all_reduce_max(top)), iterations).to(full_precision(teacher).dtype)
 

@@ -147,13 +147,13 @@ class DINO(MomentumTargets, SSLMethod):
             interpolate_parameters(self.backbone, build_from_spec(self.backbone_spec), random_teacher_student_alpha)
             interpolate_parameters(self.projector, head(), random_teacher_student_alpha)
 
-        temperatures = dict(
+        shared = dict(
             student_temp=student_temp, warmup_fraction=warmup_teacher_temp_fraction, center_momentum=center_momentum,
             centering=centering, sinkhorn_iterations=sinkhorn_iterations,
         )  # fmt: skip
-        self.criterion = DINOLoss(output_dim, teacher_temp=teacher_temp, warmup_teacher_temp=warmup_teacher_temp, same_view=random_teacher, **temperatures)
+        self.criterion = DINOLoss(output_dim, teacher_temp=teacher_temp, warmup_teacher_temp=warmup_teacher_temp, same_view=random_teacher, **shared)
         if ibot_weight > 0:
-            self.patch_criterion = IBOTPatchLoss(output_dim, teacher_temp=ibot_teacher_temp, warmup_teacher_temp=ibot_warmup_teacher_temp, **temperatures)
+            self.patch_criterion = IBOTPatchLoss(output_dim, teacher_temp=ibot_teacher_temp, warmup_teacher_temp=ibot_warmup_teacher_temp, **shared)
         pairs = [] if random_teacher else [(self.teacher_encoder, self.backbone), (self.teacher_head, self.projector)]
         self.ema = EMAUpdater(pairs, base=1.0 if random_teacher else ema_momentum, final=1.0, schedule="cosine")
 
