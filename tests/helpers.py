@@ -3,6 +3,9 @@ files written in the real formats."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +39,21 @@ MNIST_RUN = [
     "--trainer.limit_train_batches", "1.0", "--trainer.limit_val_batches", "1.0", "--trainer.check_val_every_n_epoch", "2",
 ]  # fmt: skip
 needs_mnist = pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(), reason="../shared/data/mnist is absent")
+
+
+def run_command(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(command, capture_output=True, text=True, timeout=timeout)`` in a session of its
+    own, whose every process is killed on timeout. ``subprocess.run`` kills only the child it
+    started: the ranks that torchrun, Lightning's DDP or ``srun`` started would keep the output
+    pipes open, and its last read of them would wait for ever."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            raise AssertionError(f"{command[:4]}... ran past {timeout} s; its log ends:\n{stderr[-3000:]}") from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def fit(config: str, root: Path, *overrides: str, base: list[str] = TINY):

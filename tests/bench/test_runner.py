@@ -16,7 +16,7 @@ import torch
 import yaml
 from PIL import Image
 
-from helpers import REPO, TINY
+from helpers import REPO, TINY, run_command
 from ssl_kit.bench.runner import Cell
 from ssl_kit.bench.store import ResultStore
 
@@ -161,19 +161,25 @@ def test_killed_suite_resumes_without_redoing_finished_cells(tmp_path):
     path.write_text(yaml.safe_dump(suite))
     store = ResultStore(suite["store"])
     command = [sys.executable, "-m", "ssl_kit.bench", "--config", str(path)]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # The log goes to a file, not a pipe: nobody reads a pipe while the suite runs, and a full one
+    # would block the suite's next write for ever (and this test's wait on it with it).
+    log = tmp_path / "killed_run.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     try:
         wait_for(lambda: len(store.finished_cells("tiny")) == 1, 300)
         finished = store.finished_cells("tiny")
         # kill during the second cell, once it has saved an epoch
         wait_for(lambda: any((tmp_path / "runs" / "tiny").glob("*/checkpoints/last.ckpt")) and len(
             [p for p in (tmp_path / "runs" / "tiny").glob("*/checkpoints/last.ckpt") if p.parts[-3] not in finished]) == 1, 300)
-        process.send_signal(signal.SIGKILL)
+    except TimeoutError:
+        raise AssertionError(f"the suite did not reach the kill point; its log ends:\n{log.read_text()[-3000:]}") from None
     finally:
-        process.wait()
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
     first_rows = store.rows("tiny")
     assert len(first_rows) == 1
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = run_command(command, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 finished, 1 to run" in result.stderr and "resuming from" in result.stderr
     rows = store.rows("tiny")
@@ -227,7 +233,7 @@ def test_feature_extraction_on_two_gloo_processes_equals_one_process(tmp_path):
     script = tmp_path / "extract.py"
     script.write_text(DDP_EXTRACT)
     for devices in (1, 2):
-        result = subprocess.run([sys.executable, str(script), str(tmp_path), str(devices)], cwd=REPO, capture_output=True, text=True, timeout=300)
+        result = run_command([sys.executable, str(script), str(tmp_path), str(devices)], cwd=REPO, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
     single = torch.load(tmp_path / "devices1_rank0.pt", weights_only=False)
     for rank in (0, 1):
@@ -286,9 +292,8 @@ def test_lightly_reference_entry_and_time_to_accuracy_curve(tmp_path):
 def test_gpu_reference_script_runs_in_smoke_mode_and_reports_every_run(tmp_path):
     """benchmarks/gpu_reference.sh --smoke: the GPU check's four runs (ssl_kit and lightly, SimCLR and
     Barlow Twins) on a generated JPEG folder on the CPU, and its table of pairs/s and kNN."""
-    result = subprocess.run(
-        ["bash", str(REPO / "benchmarks" / "gpu_reference.sh"), "--smoke"], capture_output=True, text=True, timeout=900,
-        env={**__import__("os").environ, "PYTHON": sys.executable},
+    result = run_command(
+        ["bash", str(REPO / "benchmarks" / "gpu_reference.sh"), "--smoke"], timeout=900, env={**__import__("os").environ, "PYTHON": sys.executable}
     )
     assert result.returncode == 0, result.stderr[-3000:]
     table = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| run")]

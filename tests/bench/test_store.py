@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from helpers import run_command
 from ssl_kit.bench.report import summarize, write_report
 from ssl_kit.bench.report.summary import gain_text
 from ssl_kit.bench.store import Result, ResultStore
@@ -252,9 +253,11 @@ def test_html_in_headless_chromium(report, tmp_path):
         pytest.skip(f"no headless browser ({', '.join(BROWSERS)}) on PATH; install one, e.g. `apt-get install chromium`")
     url = report["html"].resolve().as_uri() + "#sort=mean:desc"
     command = [found, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run([*command, "--dump-dom", url], capture_output=True, text=True, timeout=60, check=True).stdout
+    loaded = run_command([*command, "--dump-dom", url], timeout=60)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    dom = loaded.stdout
     shot = tmp_path / "first_screen.png"
-    subprocess.run([*command, f"--screenshot={shot}", "--window-size=1280,900", url], capture_output=True, timeout=60, check=True)
+    assert run_command([*command, f"--screenshot={shot}", "--window-size=1280,900", url], timeout=60).returncode == 0
     with Image.open(shot) as image:
         # Below the title and the at-a-glance list, the first pivot's header row (grey) is on screen.
         assert image.size == (1280, 900)

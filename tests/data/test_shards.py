@@ -4,7 +4,6 @@ training on shards starts with the folder's loss; bad members and incomplete con
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import tarfile
 import textwrap
@@ -15,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import REPO, TINY_RUN, fit, write_audio_folder, write_mp4
+from helpers import REPO, TINY_RUN, fit, run_command, write_audio_folder, write_mp4
 from ssl_kit.data import AudioFolderDataModule, ImageFolderDataModule, KineticsDataModule, VideoFolderDataModule
 from ssl_kit.data.samples import ShardMember, UnreadableFileError, open_sample
 from ssl_kit.data.shards import convert, main as convert_main
@@ -140,9 +139,7 @@ def test_every_sample_once_per_epoch_across_two_ranks_and_two_workers(tmp_path):
     convert(str(tmp_path / "folder"), str(tmp_path / "shards"), "image", shard_size_mb=0.004)
     script = tmp_path / "epoch.py"
     script.write_text(DDP_EPOCH)
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "shards"), str(tmp_path / "seen.pt")], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    result = run_command([sys.executable, str(script), str(tmp_path / "shards"), str(tmp_path / "seen.pt")], cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     record = torch.load(tmp_path / "seen.pt")
     # 16 samples = 2 ranks x 2 workers x 1 batch of 4: DistributedSampler pads nothing, drop_last drops nothing

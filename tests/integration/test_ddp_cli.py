@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from helpers import REPO, TINY
+from helpers import REPO, TINY, run_command
 
 pytestmark = pytest.mark.slow  # spawned process groups: seconds each
 
@@ -19,7 +18,7 @@ def test_fit_runs_as_two_gloo_processes(tmp_path):
         "--trainer.default_root_dir", str(tmp_path), *TINY,
         "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_epochs", "1",
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = run_command(command, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "world_size: 2" in result.stderr or "distributed_backend=gloo" in result.stderr
     assert "val/knn_acc" in result.stdout

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, TINY
+from helpers import REPO, TINY, run_command
 from ddp import free_port
 
 pytestmark = pytest.mark.slow  # spawned process groups: seconds each
@@ -44,7 +44,7 @@ def test_torchrun_launch(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command = [*torchrun, "-m", "ssl_kit.fit", "--config", CONFIG, *OVERRIDES, "--trainer.default_root_dir", str(tmp_path),
                "--trainer.devices", "2", "--trainer.strategy", "ddp"]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = run_command(command, cwd=REPO, timeout=600)
     assert_two_process_run(result, tmp_path)
 
 
@@ -62,6 +62,6 @@ def test_slurm_script_launch(tmp_path):
         SLURM_NNODES="1", SLURM_NTASKS_PER_NODE="2", MASTER_PORT=str(free_port()),
     )  # fmt: skip
     command = ["bash", "scripts/slurm_pretrain.sbatch", CONFIG, *OVERRIDES, "--trainer.default_root_dir", str(tmp_path / "run")]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = run_command(command, cwd=REPO, env=env, timeout=600)
     assert_two_process_run(result, tmp_path / "run")
     assert result.stderr.count("SLURM auto-requeueing enabled") == 2  # each task found its SLURM environment

@@ -65,7 +65,6 @@ def test_skip_bad_files_under_two_ddp_ranks_keeps_every_rank_training(tmp_path):
     --data.skip_bad_files every rank's batches keep their size (bad samples replaced by copies of
     readable ones), so SimCLR's all_gather of negatives works on 2 gloo processes (it aborted with
     ``Received data size doesn't match`` when batches were shrunk)."""
-    import subprocess
     import sys
 
     from pathlib import Path
@@ -73,7 +72,7 @@ def test_skip_bad_files_under_two_ddp_ranks_keeps_every_rank_training(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from helpers import REPO, TINY
+    from helpers import REPO, TINY, run_command
 
     rng = np.random.default_rng(0)
     for cls in ("a", "b", "c"):
@@ -90,7 +89,7 @@ def test_skip_bad_files_under_two_ddp_ranks_keeps_every_rank_training(tmp_path):
         "--data.batch_size", "8", "--data.skip_bad_files", "true", "--trainer.strategy", "ddp", "--trainer.devices", "2",
         "--trainer.max_epochs", "1",
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = run_command(command, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     # the run ends with one summary line and a listing of the distinct files it skipped, on every rank
     assert "unreadable file(s) (--data.skip_bad_files), listed in" in result.stdout
@@ -226,12 +225,11 @@ def test_folder_errors_are_one_clear_sentence(tmp_path):
     """A missing root, an empty train/ and a train/ with one class folder each stop with a sentence
     naming the folder (the command line prints it last, once, not inside jsonargparse's chained
     tracebacks); the single-class case says why two classes are needed."""
-    import subprocess
     import sys
 
     from PIL import Image
 
-    from helpers import REPO
+    from helpers import REPO, run_command
 
     from ssl_kit.data import ImageFolderDataModule
 
@@ -243,9 +241,9 @@ def test_folder_errors_are_one_clear_sentence(tmp_path):
     with pytest.raises(ValueError, match=r"one/train has one class folder \(cats\).*at least 2 classes"):
         ImageFolderDataModule(str(tmp_path / "one"))
     missing = tmp_path / "missing"
-    result = subprocess.run(
+    result = run_command(
         [sys.executable, "-m", "ssl_kit.fit", "--config", str(REPO / "configs" / "simclr_imagefolder.yaml"), "--data.root", str(missing)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO, timeout=300,
     )  # fmt: skip
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) <= 3, result.stderr[-2000:]
