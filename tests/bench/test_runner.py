@@ -197,8 +197,19 @@ def test_two_processes_on_one_suite_run_and_store_each_cell_once(tmp_path):
     suite["entries"] = suite["entries"][:1]
     path.write_text(yaml.safe_dump(suite))
     command = [sys.executable, "-m", "ssl_kit.bench", "--config", str(path)]
-    processes = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    logs = [process.communicate(timeout=600)[1] for process in processes]
+    # logs to files: while one process's log is read, the other's must not fill a pipe and stall it
+    paths = [tmp_path / f"process{i}.log" for i in range(2)]
+    processes = []
+    for log in paths:
+        with log.open("w") as stderr:
+            processes.append(subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, text=True))
+    try:
+        for process in processes:
+            process.wait(timeout=600)
+    finally:
+        for process in processes:
+            process.kill()  # no-op for a process that has ended
+    logs = [log.read_text() for log in paths]
     assert all(process.returncode == 0 for process in processes), logs[0][-2000:] + logs[1][-2000:]
     rows = ResultStore(suite["store"]).rows("tiny")
     assert sorted(row["seed"] for row in rows) == [0, 1, 2]
