@@ -17,6 +17,7 @@ zero writes the store.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -27,6 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from statistics import fmean
 from typing import Any, Literal
 
 import lightning as L
@@ -54,6 +56,12 @@ DEFAULT_STORE = "benchmarks/results/bench.sqlite"
 SHARED_TRAINER_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision")
 #: The network a trained cell delivers, in its folder (``export_backbone``'s state dict and spec).
 BACKBONE_FILE = "backbone.pt"
+#: What a self-training cell stores beside its accuracy, from its run's CSV log (``metric`` ->
+#: logged column): the share of the unlabeled batch its criterion kept (SoftMatch: the mean weight)
+#: and how often those pseudo-labels were right (against the pool's hidden labels, never test's),
+#: averaged over the last ``LATE_FRACTION`` of training: why a criterion helps or does not.
+SELF_TRAINING_DIAGNOSTICS = {"mask_rate": "train/mask_rate", "pseudo_label_acc": "train/pseudo_label_acc"}
+LATE_FRACTION = 0.2
 
 
 @dataclass
@@ -238,6 +246,8 @@ class Cell:
             # on the DataModule's class-balanced split (the split few_label probes use).
             (metrics,) = cli.trainer.test(model, datamodule=data, verbose=False)
             values["few_label", "top1"] = float(metrics["test/acc"])
+            late = late_means(self.root / "csv", SELF_TRAINING_DIAGNOSTICS)
+            values |= {("self_training", metric): value for metric, value in late.items()}
         frozen = [p for p in wanted if p in FROZEN_FEATURE_PROTOCOLS and not (self_training and p == "few_label")]
         extracted: dict[Any, dict[str, P.FeatureSet]] = {}  # by what reads them: the network itself (None), or PROTOCOL_FEATURES'
         for protocol in frozen:
@@ -258,6 +268,28 @@ class Cell:
             result = P.linear_segmentation(network, data.input_spec, seed=self.seed, **self.protocols.get("segmentation", {}))
             values["segmentation", "miou"], chosen["segmentation"] = result.test_miou, result.chosen
         return values, chosen
+
+
+def late_means(log_root: Path, columns: dict[str, str], fraction: float = LATE_FRACTION) -> dict[str, float]:
+    """``name -> mean`` of each logged ``columns[name]`` over the steps in the last ``fraction``
+    of the last logged step, from a run's CSV logs under ``log_root`` (``version_*/metrics.csv``: a
+    resumed run logs into a new version, whose rows replace the older ones' of the same step).
+    Columns the run never logged are left out (a run without the CSV logger gives ``{}``)."""
+    by_step: dict[int, dict[str, float]] = {}
+    versions = sorted(log_root.glob("version_*/metrics.csv"), key=lambda path: int(path.parent.name.removeprefix("version_")))
+    for path in versions:
+        in_version: dict[int, dict[str, float]] = {}
+        with path.open(newline="") as file:
+            for row in csv.DictReader(file):
+                logged = {name: float(row[column]) for name, column in columns.items() if row.get(column)}
+                if logged:
+                    in_version.setdefault(int(row["step"]), {}).update(logged)
+        by_step |= in_version
+    if not by_step:
+        return {}
+    start = max(by_step) * (1 - fraction)
+    late = [values for step, values in by_step.items() if step >= start]
+    return {name: fmean(v[name] for v in late if name in v) for name in columns if any(name in v for v in late)}
 
 
 def evaluated_network(model: L.LightningModule) -> nn.Module:

@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from helpers import REPO, TINY, run_command
-from ssl_kit.bench.runner import Cell
+from ssl_kit.bench.runner import SELF_TRAINING_DIAGNOSTICS, Cell, late_means
 from ssl_kit.bench.store import ResultStore
 
 # The digits at 8 px, 2 batches per epoch: each cell takes a few seconds.
@@ -35,7 +35,7 @@ def suite_file(tmp_path, seeds, epochs: int = 1, protocols=None) -> tuple:
         "entries": [
             {"method": "SimCLR", "dataset": "Digits", "config": str(REPO / "configs" / "simclr_digits.yaml")},
             {"method": "MeanTeacher", "dataset": "Digits", "config": str(REPO / "configs" / "mean_teacher_digits.yaml"),
-             "protocols": ["few_label"], "args": ["--data.batch_size", "8", "--data.unlabeled_ratio", "2"]},
+             "protocols": ["few_label"], "args": ["--data.batch_size", "8", "--data.unlabeled_ratio", "2", "--trainer.log_every_n_steps", "1"]},
         ],
     }  # fmt: skip
     path = tmp_path / "suite.yaml"
@@ -56,10 +56,17 @@ def test_suite_writes_one_row_per_protocol_and_skips_finished_cells(tmp_path, mo
     assert "SimCLR" in (tmp_path / "report" / "leaderboard.md").read_text()
     store = ResultStore(suite["store"])
     rows = store.rows("tiny")
-    # SimCLR: linear, knn, few_label; MeanTeacher: few_label (its teacher's test accuracy)
-    assert sorted((r["method"], r["protocol"]) for r in rows) == [
-        ("MeanTeacher", "few_label"), ("SimCLR", "few_label"), ("SimCLR", "knn"), ("SimCLR", "linear")
+    # SimCLR: linear, knn, few_label; MeanTeacher: few_label (its teacher's test accuracy) and its
+    # criterion's late mask rate and pseudo-label accuracy, from its run's CSV log
+    assert sorted((r["method"], r["protocol"], r["metric"]) for r in rows) == [
+        ("MeanTeacher", "few_label", "top1"), ("MeanTeacher", "self_training", "mask_rate"),
+        ("MeanTeacher", "self_training", "pseudo_label_acc"),
+        ("SimCLR", "few_label", "top1"), ("SimCLR", "knn", "top1"), ("SimCLR", "linear", "top1"),
     ]  # fmt: skip
+    (teacher_cell,) = {r["cell"] for r in rows if r["method"] == "MeanTeacher"}
+    diagnostics = {r["metric"]: r["value"] for r in rows if r["protocol"] == "self_training"}
+    assert diagnostics == late_means(tmp_path / "runs" / "tiny" / teacher_cell / "csv", SELF_TRAINING_DIAGNOSTICS)
+    rows = [r for r in rows if r["protocol"] != "self_training"]
     for row in rows:
         assert 0.0 <= row["value"] <= 1.0 and row["metric"] == "top1" and row["wall_time_s"] > 0 and row["seed"] == 0
         assert row["config"]["fit"]["seed_everything"] == 0 and row["config"]["fit"]["trainer"]["max_epochs"] == 1
@@ -91,9 +98,31 @@ def test_suite_writes_one_row_per_protocol_and_skips_finished_cells(tmp_path, mo
     original = Cell.run
     monkeypatch.setattr(Cell, "run", lambda self: ran.append(self.seed) or original(self))
     run_main("--config", str(path))
-    assert ran == [] and len(store.rows("tiny")) == 4
+    assert ran == [] and len(store.rows("tiny")) == 6
     run_main("--config", str(path), "--seeds", "[0, 1]")
-    assert ran == [1, 1] and len(store.rows("tiny")) == 8
+    assert ran == [1, 1] and len(store.rows("tiny")) == 12
+
+
+def test_late_means_average_the_last_fifth_of_logged_steps_across_resumed_versions(tmp_path):
+    """A resumed run logs into a new CSV version: its rows replace the first run's at the same
+    steps; the mean is over the steps in the last 20% of training, per column, skipping blanks."""
+    columns = {"mask_rate": "train/mask_rate", "pseudo_label_acc": "train/pseudo_label_acc"}
+
+    def write(version: int, rows: list[tuple]) -> None:
+        folder = tmp_path / f"version_{version}"
+        folder.mkdir()
+        lines = ["epoch,step,train/mask_rate,train/pseudo_label_acc,lr-SGD"] + [",".join(map(str, row)) for row in rows]
+        (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+    # steps 0..90 by 10; the first run stopped after step 90 and its steps 80, 90 were redone
+    write(0, [(0, step, 0.1, 0.5, "") for step in range(0, 100, 10)] + [(0, 90, "", "", 0.03)])
+    write(1, [(1, 80, 0.4, 0.7, ""), (1, 90, 0.6, "", "")] + [(1, step, 0.8, 0.9, "") for step in (100, 110)])
+    means = late_means(tmp_path, columns)
+    # last step 110: steps >= 88 are late, i.e. 90 (0.6, no accuracy logged), 100 and 110
+    assert means["mask_rate"] == pytest.approx((0.6 + 0.8 + 0.8) / 3)
+    assert means["pseudo_label_acc"] == pytest.approx(0.9)
+    assert late_means(tmp_path, columns, fraction=1.0)["mask_rate"] == pytest.approx((0.1 * 8 + 0.4 + 0.6 + 1.6) / 12)
+    assert late_means(tmp_path / "absent", columns) == {}
 
 
 def same_weights(path_a, path_b) -> bool:

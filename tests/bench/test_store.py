@@ -16,7 +16,7 @@ from PIL import Image
 
 from helpers import run_command
 from ssl_kit.bench.report import summarize, write_report
-from ssl_kit.bench.report.summary import gain_text
+from ssl_kit.bench.report.summary import gain_label, gain_text
 from ssl_kit.bench.store import Result, ResultStore
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
@@ -178,6 +178,10 @@ def test_gain_is_mean_minus_random_init_of_the_same_backbone():
     assert (random_init["gain"], random_init["has_reference"], gain_text(random_init)) == (None, True, "")
     assert (mae["gain"], mae["has_reference"], gain_text(mae)) == (None, False, "no random-init row for this backbone")
     assert gain_text(simclr) == "+10.0" and gain_text({**simclr, "gain": -0.031}) == "−3.1"
+    assert (gain_label(simclr), gain_label(mae)) == ("Δ +10.0", "no random-init row for this backbone")
+    # a dataset without any random-init row (a self-training table): the pivots say nothing per cell
+    (alone,) = summarize([vars(result(method="mae", backbone="vit", seed=0, value=0.7, dataset="other"))])
+    assert (alone["dataset_has_reference"], gain_label(alone)) == (False, "")
 
 
 def test_plots_are_png(report):

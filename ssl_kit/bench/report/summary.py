@@ -70,11 +70,13 @@ def add_gains(summary: list[dict]) -> None:
     """Sets ``gain`` (mean minus the random-init mean of the same dataset, protocol, metric and
     backbone) and ``gain_std`` (the two stds combined as for a difference of independent means) on
     every entry; both are None on random-init entries and where the backbone has no random-init
-    row (``has_reference`` tells the two apart)."""
+    row (``has_reference`` tells the two apart; ``dataset_has_reference``: any backbone has one)."""
     references = {reference_key(e): e for e in summary if e["method"] == RANDOM_INIT}
+    datasets_with_reference = {key[0] for key in references}
     for entry in summary:
         reference = references.get(reference_key(entry))
         entry["has_reference"] = reference is not None
+        entry["dataset_has_reference"] = entry["dataset"] in datasets_with_reference
         known = reference is not None and entry["method"] != RANDOM_INIT
         entry["gain"] = entry["mean"] - reference["mean"] if known else None
         entry["gain_std"] = hypot(entry["std"], reference["std"]) if known else None
@@ -94,8 +96,11 @@ def gain_text(entry: dict) -> str:
 
 
 def gain_label(entry: dict) -> str:
-    """The gain as the pivots show it beside a cell: ``Δ +17.4``."""
-    return f"Δ {gain_text(entry)}" if entry["gain"] is not None else gain_text(entry)
+    """The gain as the pivots show it beside a cell: ``Δ +17.4``; nothing on a dataset without any
+    random-init row (a self-training table), where the at-a-glance line says so once."""
+    if entry["gain"] is not None:
+        return f"Δ {gain_text(entry)}"
+    return gain_text(entry) if entry["dataset_has_reference"] else ""
 
 
 def protocol_rank(protocol: str) -> tuple[int, str]:
