@@ -7,8 +7,11 @@ ssl_kit's instead: the backbone (the cell's own, built from its config, at rando
 backbone"), the images (the DataModule's pretraining split), the batch size and loader workers
 (the config's), and the Trainer's budget (``max_time`` / ``max_epochs`` / ``max_steps``). MSN keeps
 lightly's ``prototypes.data`` (its prototypes get no gradient), as documented. Momentum schedules
-read the epoch over the examples' 10 epochs, as the examples do. lightly has no MoCo v3 (its MoCo
-is v2), so there is no MoCo v3 reference.
+read the epoch over the examples' 10 epochs, as the examples do (I-JEPA's, linear by step, over
+10 epochs of steps). lightly has no MoCo v3 (its MoCo is v2), so there is no MoCo v3 reference.
+I-JEPA is documented for a torchvision ViT only (``examples/pytorch/ijepa.py``); here lightly's timm
+parts take its place (``MaskedVisionTransformerTIMM`` as the encoders, ``IJEPAPredictorTIMM``) with
+the example's collator, transform, loss, optimizer and momentum.
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ import copy
 
 import lightning as L
 import torch
+import torch.nn.functional as F
+from lightly.data.ijepa_collate import IJEPAMaskCollator
 from lightly.loss import BarlowTwinsLoss, DINOLoss, MSNLoss, NegativeCosineSimilarity, NTXentLoss, VICRegLoss
 from lightly.models import utils
 from lightly.models.modules import MaskedVisionTransformerTIMM
+from lightly.models.modules.ijepa_timm import IJEPAPredictorTIMM
 from lightly.models.modules.heads import (
     BarlowTwinsProjectionHead, BYOLPredictionHead, BYOLProjectionHead, DINOProjectionHead, MSNProjectionHead,
     SimCLRProjectionHead, VICRegProjectionHead,
@@ -29,6 +35,7 @@ from lightly.transforms import (
     BYOLTransform, BYOLView1Transform, BYOLView2Transform, DINOTransform, MAETransform, MSNTransform, SimCLRTransform,
     VICRegTransform,
 )  # fmt: skip
+from lightly.transforms.ijepa_transform import IJEPATransform
 from lightly.utils.scheduler import cosine_schedule
 from torch import Tensor, nn
 
@@ -193,9 +200,58 @@ class MSNReference(L.LightningModule):
         return torch.optim.AdamW(params, lr=1.5e-4)
 
 
+class IJEPAReference(L.LightningModule):
+    """lightly's I-JEPA example on a timm ViT: the context encoder sees the collator's context block
+    (``IJEPAMaskCollator``'s defaults: 1 context, 2 target blocks), a predictor of the encoder's
+    depth, width and heads predicts the EMA target encoder's layer-normalised tokens of each target
+    block, smooth L1, AdamW 1.5e-4, target momentum linear 0.996 -> 1 over 10 epochs of steps,
+    updated after each optimizer step. ``collate`` is the collator the loader must use."""
+
+    def __init__(self, vit: nn.Module, image_size: int) -> None:
+        super().__init__()
+        self.encoder = MaskedVisionTransformerTIMM(vit=vit)
+        self.target_encoder = copy.deepcopy(self.encoder)
+        utils.deactivate_requires_grad(self.target_encoder)
+        self.prefix = vit.num_prefix_tokens
+        self.predictor = IJEPAPredictorTIMM(
+            num_patches=vit.patch_embed.num_patches, depth=len(vit.blocks), mlp_dim=vit.embed_dim,
+            predictor_embed_dim=vit.embed_dim, num_heads=vit.blocks[0].attn.num_heads,
+        )  # fmt: skip
+        self.collate = IJEPAMaskCollator(input_size=image_size, patch_size=vit.patch_embed.patch_size[0])
+        self.criterion = nn.SmoothL1Loss()
+
+    def patch_tokens(self, encoder: nn.Module, images: Tensor, patches: Tensor | None = None) -> Tensor:
+        """Encoded patch tokens (all, or those at ``patches``), without the ViT's prefix tokens."""
+        keep = None
+        if patches is not None:
+            prefix = torch.arange(self.prefix, device=images.device).expand(len(images), -1)
+            keep = torch.cat([prefix, patches + self.prefix], dim=1)
+        return encoder.encode(images, idx_keep=keep)[:, self.prefix :]
+
+    def training_step(self, batch, batch_idx):
+        (images, _), context_masks, target_masks = batch
+        with torch.no_grad():
+            targets = self.patch_tokens(self.target_encoder, images)
+            targets = utils.apply_masks(F.layer_norm(targets, (targets.shape[-1],)), target_masks)
+            targets = utils.repeat_interleave_batch(targets, len(images), repeat=len(context_masks))
+        context = torch.cat([self.patch_tokens(self.encoder, images, mask) for mask in context_masks])
+        loss = self.criterion(self.predictor(context, context_masks, target_masks), targets)
+        self.log("train/loss", loss)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        steps = 10 * max(1, int(self.trainer.num_training_batches))
+        momentum = min(1.0, 0.996 + 0.004 * self.global_step / steps)
+        utils.update_momentum(self.encoder, self.target_encoder, m=momentum)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([*self.encoder.parameters(), *self.predictor.parameters()], lr=1.5e-4)
+
+
 def reference_pipeline(method: str, backbone: nn.Module, image_size: int) -> tuple[L.LightningModule, object, nn.Module]:
     """lightly's module and transform for ``method`` on ``backbone``, and the network to evaluate
-    (the trained encoder: for MSN the anchor encoder, as ssl_kit evaluates its online encoder)."""
+    (the trained encoder: for MSN the anchor encoder, as ssl_kit evaluates its online encoder). A
+    module with a ``collate`` attribute (I-JEPA's mask collator) needs its loader to collate with it."""
     if method == "SimCLR":
         module = TwoViewReference(backbone, SimCLRProjectionHead(backbone.num_features, 2048, 2048), NTXentLoss())
         return module, SimCLRTransform(input_size=image_size), backbone
@@ -225,4 +281,6 @@ def reference_pipeline(method: str, backbone: nn.Module, image_size: int) -> tup
         module = MSNReference(backbone)
         transform = MSNTransform(random_size=image_size, focal_size=image_size // 2)
         return module, transform, module.anchor_backbone.vit
-    raise ValueError(f"lightly has no documented pipeline for {method!r}; known: SimCLR, BarlowTwins, BYOL, VICReg, DINO, MAE, MSN")
+    if method == "IJEPA":
+        return IJEPAReference(backbone, image_size), IJEPATransform(input_size=image_size), backbone
+    raise ValueError(f"lightly has no documented pipeline for {method!r}; known: SimCLR, BarlowTwins, BYOL, VICReg, DINO, MAE, MSN, IJEPA")

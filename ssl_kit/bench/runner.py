@@ -206,7 +206,8 @@ class Cell:
         data = cli.datamodule
         data.setup("fit")
         module, transform, network = reference_pipeline(self.entry.reference or self.entry.method, cli.model.backbone, data.input_spec.side)
-        return module, network, data.loader(Transformed(data.splits.pretrain, transform), shuffle=True, drop_last=True)
+        dataset = Transformed(data.splits.pretrain, transform)
+        return module, network, data.loader(dataset, shuffle=True, drop_last=True, collate=getattr(module, "collate", None))
 
     def wanted(self) -> list[str]:
         wanted = self.entry.protocols or list(self.protocols)

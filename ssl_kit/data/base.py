@@ -222,8 +222,11 @@ class SSLDataModule(L.LightningDataModule):
     def eval_transform(self):
         return eval_transform(self.input_spec.side, self.mean, self.std, self.center_crop_ratio)
 
-    def loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False, batch_size: int | None = None) -> DataLoader:
-        """A DataLoader of ``dataset`` with this DataModule's batch size, workers, pinning and bad-file collation."""
+    def loader(
+        self, dataset: Dataset, shuffle: bool, drop_last: bool = False, batch_size: int | None = None, collate: Callable[[list], Any] | None = None,
+    ) -> DataLoader:  # fmt: skip
+        """A DataLoader of ``dataset`` with this DataModule's batch size, workers, pinning and bad-file
+        collation, around ``collate`` (None: PyTorch's ``default_collate``)."""
         return DataLoader(
             dataset,
             batch_size=batch_size or self.batch_size,
@@ -232,7 +235,7 @@ class SSLDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
-            collate_fn=RefillingCollate(dataset) if self.skipped_files is not None else None,
+            collate_fn=RefillingCollate(dataset, collate) if self.skipped_files is not None else collate,
         )
 
     def _require_splits(self) -> Splits:

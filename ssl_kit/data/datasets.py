@@ -198,10 +198,12 @@ class RefillingCollate:
     readable sample), so every batch keeps its size. DDP ranks then stay in step (their collectives
     need equal batches on every rank), BatchNorm never sees a batch of one, and no step or
     validation sees an empty batch. Feature extraction is unaffected: a copy carries its source's
-    index, and ``FeatureExtractor`` keeps one row per index."""
+    index, and ``FeatureExtractor`` keeps one row per index. The full batch then goes to
+    ``collate`` (None: ``default_collate``)."""
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: Dataset, collate: Callable[[list], Any] | None = None) -> None:
         self.dataset = dataset
+        self.collate = collate or default_collate
         self.spare: list = []
 
     def __call__(self, batch: list) -> Any:
@@ -209,7 +211,7 @@ class RefillingCollate:
         if len(kept) < len(batch):
             log.warning("replaced %d unreadable file(s) in a batch of %d by copies of readable ones", len(batch) - len(kept), len(batch))
         self.spare = kept or self.spare or [self.first_readable()]
-        return default_collate([item if item is not None else self.spare[i % len(self.spare)] for i, item in enumerate(batch)])
+        return self.collate([item if item is not None else self.spare[i % len(self.spare)] for i, item in enumerate(batch)])
 
     def first_readable(self) -> Any:
         for index in range(len(self.dataset)):

@@ -357,11 +357,15 @@ def test_a_resumed_cell_counts_only_its_own_steps_in_its_throughput(tmp_path):
     assert cell.pretrain()[2] is None
 
 
-@pytest.mark.parametrize("method, backbone", [("BYOL", "resnet18"), ("VICReg", "resnet18"), ("DINO", "resnet18"), ("DINO", "vit_tiny_patch16_224")])
+@pytest.mark.parametrize(
+    "method, backbone",
+    [("BYOL", "resnet18"), ("VICReg", "resnet18"), ("DINO", "resnet18"), ("DINO", "vit_tiny_patch16_224"), ("IJEPA", "vit_tiny_patch16_224")],
+)
 def test_lightly_reference_pipelines_train_a_step_on_the_given_backbone(method, backbone):
     """Each lightly pipeline takes the cell's backbone and its own transform's views (DINO: two global
-    crops and smaller local ones, through a ViT too) and trains it: a finite loss whose gradient
-    reaches the backbone, and the network it hands back for evaluation is that backbone."""
+    crops and smaller local ones, through a ViT too; I-JEPA: one view, batched by lightly's mask
+    collator) and trains it: a finite loss whose gradient reaches the backbone, and the network it
+    hands back for evaluation is that backbone."""
     from ssl_kit.bench.lightly_reference import reference_pipeline
     from ssl_kit.inputs import InputSpec
     from ssl_kit.models.backbones import backbone_spec, build_from_spec
@@ -373,11 +377,19 @@ def test_lightly_reference_pipelines_train_a_step_on_the_given_backbone(method, 
     assert evaluated is network
     images = [Image.fromarray((torch.rand(16, 16, 3) * 255).byte().numpy()) for _ in range(4)]
     per_image = [transform(image) for image in images]
-    views = [torch.stack([sample[i] for sample in per_image]) for i in range(len(per_image[0]))]
-    if method == "DINO":
-        assert len(views) == 8 and views[2].shape[-1] < views[0].shape[-1]
+    if hasattr(module, "collate"):  # I-JEPA: (images, labels), context blocks, target blocks
+        batch = module.collate([(sample, 0) for sample in per_image])
+        (batched, _), context, targets = batch
+        assert batched.shape == (4, 3, 16, 16) and len(context) == 1 and len(targets) == 2
+    else:
+        views = [torch.stack([sample[i] for sample in per_image]) for i in range(len(per_image[0]))]
+        batch = (views, torch.zeros(4))
+        if method == "DINO":
+            assert len(views) == 8 and views[2].shape[-1] < views[0].shape[-1]
     module.trainer = None  # no Trainer: training_step's self.log and current_epoch stay quiet
-    loss = module.training_step((views, torch.zeros(4)), 0)
+    loss = module.training_step(batch, 0)
     loss.backward()
     assert torch.isfinite(loss)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in network.parameters())
+    if method == "IJEPA":
+        assert all(p.grad is None for p in module.target_encoder.parameters())
