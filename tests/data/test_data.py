@@ -614,6 +614,10 @@ def test_a_batch_of_only_unreadable_files_is_filled_from_the_first_readable_one(
         path.write_bytes(b"not an image")
     images, labels = next(iter(data.labeled_dataloader("train")))
     assert images.shape == (2, 3, 16, 16) and torch.equal(images[0], images[1])
+    # a loader's own collate (lightly's I-JEPA mask collator) gets the refilled, full batch
+    seen = []
+    loader = data.loader(data.labeled_dataset("train"), shuffle=False, collate=lambda batch: seen.append(len(batch)) or len(batch))
+    assert next(iter(loader)) == 2 and seen == [2]
     for path in files[2:]:
         path.write_bytes(b"not an image")
     with pytest.raises(UnreadableFileError, match="no file of the dataset"):
