@@ -183,8 +183,9 @@ def test_vicreg_learns_beyond_random_init_features(tmp_path):
     """A linear probe on the trained (half-width) ResNet-18's frozen features beats the same probe
     at random init. As Barlow Twins' check, the short run wants LARS lr 0.5 (0.819 at the config's
     0.2), and 4 epochs (156 steps): at 2 the margin held on an AMD EPYC (linear 0.918 vs 0.889 at
-    random init) but not on an AVX-512 Intel Xeon (0.902), whose rounding changes the trajectory.
-    Measured at 4 epochs (Intel): linear 0.950 vs 0.889."""
+    random init) but not on an AVX-512 Intel Xeon (0.902, and 0.901 with MKL and oneDNN held to
+    their AVX2 paths): a short run's result moves with the machine. Measured at 4 epochs (Intel):
+    linear 0.950 vs 0.889."""
     cli = fit("vicreg_mnist.yaml", tmp_path, *MNIST_RUN, "--model.lr", "0.5", "--trainer.max_epochs", "4")
     accuracy = against_random_init(cli, "vicreg_mnist")
     trained, random_init = accuracy["linear"]
