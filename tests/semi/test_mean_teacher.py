@@ -420,14 +420,15 @@ def test_pre_labeled_pool_trains_the_student_on_the_given_targets():
 # SoftMatch's confidence statistics' EMA is shortened to 0.99 for the short run. 5 epochs were too
 # few to separate them from the baseline on every CPU: FixMatch 0.822 vs labels only 0.753 on an AMD
 # EPYC, 0.840 vs 0.801 and 0.815 vs 0.787 on an AVX-512 Intel Xeon (a short run moves with the
-# CPU's rounding, the thread count and, on one machine, from run to run: the baseline gave 0.787 and
-# 0.763 on two pytest-xdist workers). At 5 epochs the adaptive criteria gain little (labels only
+# CPU's rounding and the thread count: the baseline gives 0.787 on 2 threads and 0.763 on 1, the
+# same on every rerun of either). At 5 epochs the adaptive criteria gain little (labels only
 # 0.770, FixMatch 0.826, SoftMatch 0.784, FlexMatch 0.780, FreeMatch 0.718): their thresholds start
 # low (FlexMatch's warmup, FreeMatch's 1/C start) and admit many wrong pseudo-labels early, which a
 # long run (USB's 2^20 steps) outgrows and a 110-step run does not. Measured at 10 epochs (teacher
 # val accuracy): FixMatch 0.923 vs labels only 0.763 (AMD); SoftMatch 0.930 vs 0.812 (AMD, one thread)
-# and 0.889 (mask rate 0.88) vs 0.763 with FlexMatch 0.878 (two threads); Intel: FixMatch 0.878 vs
-# 0.787, SoftMatch 0.906 vs 0.763 (the baseline of each worker).
+# and 0.889 (mask rate 0.88) vs 0.763 with FlexMatch 0.878 (two threads); Intel: FixMatch 0.878,
+# SoftMatch 0.906, labels only 0.763 on the worker's one thread (0.787 when a fresh worker built the
+# baseline on two, before conftest set the share ahead of module fixtures).
 LEARN = mean_teacher_learning_run(epochs=10)
 
 
