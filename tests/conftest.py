@@ -6,10 +6,14 @@ import pytest
 import torch
 
 
+def xdist_workers() -> int:
+    """How many pytest-xdist workers share the machine (``make test`` runs one per core); 1 alone."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+
 def threads_per_worker() -> int:
-    """The machine's cores shared among pytest-xdist's workers (``make test`` runs one per core)."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    return max(1, (os.cpu_count() or 1) // workers)
+    """The machine's cores shared among pytest-xdist's workers."""
+    return max(1, (os.cpu_count() or 1) // xdist_workers())
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -22,9 +26,10 @@ def pytest_configure(config: pytest.Config) -> None:
     and OpenMP threads that outnumber the cores wait on each other (measured: two suite-runner
     tests beside another job took 191 s, 63 s with this). Alone, the variable is left to the user
     and to Lightning, which divides the cores among the DDP ranks it starts."""
-    torch.set_num_threads(threads_per_worker())
-    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-        os.environ["OMP_NUM_THREADS"] = str(threads_per_worker())
+    threads = threads_per_worker()
+    torch.set_num_threads(threads)
+    if xdist_workers() > 1:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 @pytest.fixture
