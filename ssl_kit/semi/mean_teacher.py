@@ -10,6 +10,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ssl_kit.data.semi_supervised import SemiSupervisedBatch
 from ssl_kit.evaluation.features import per_view
+from ssl_kit.evaluation.fine_tune import fine_tune_param_groups
 from ssl_kit.methods.base import BackboneModule
 from ssl_kit.methods.momentum import EMAUpdater, MomentumSchedule, MomentumTargets, frozen_copy
 from ssl_kit.models.backbones import build_from_spec
@@ -37,7 +38,10 @@ class MeanTeacher(MomentumTargets, BackboneModule):
     all students until ``1 - 1/(t+1)`` reaches ``ema_momentum``). Validation reports the teacher's
     and the student's accuracy; test reports the teacher's. The backbone starts from random init,
     from timm's weights (``pretrained``), or from an ssl_kit checkpoint (``init_from``: a pretraining
-    ``.ckpt`` or an exported backbone), which is the pretrain -> self-train pipeline.
+    ``.ckpt`` or an exported backbone), which is the pretrain -> self-train pipeline. With a
+    pretrained start, ``layer_decay`` trains backbone stage ``i`` of ``L`` at ``lr * layer_decay **
+    (L - i)`` and the new head at ``lr`` (the fine-tuning protocol's ``fine_tune_param_groups``), so
+    early steps, when the head and pseudo-labels are still poor, move the pretrained features less.
 
     From random init, ResNets keep timm's zero-initialised residual branches (the supervised
     recipe): with them, the digits test's teacher reaches 0.923 (labels alone 0.763), without them
@@ -67,8 +71,13 @@ class MeanTeacher(MomentumTargets, BackboneModule):
         weight_decay: float = 5e-4,
         nesterov: bool = True,
         warmup_epochs: float = 0.0,
+        layer_decay: float | None = None,
         **kwargs,
     ) -> None:
+        if layer_decay is not None and not 0 < layer_decay <= 1:
+            raise ValueError(f"--model.layer_decay must be in (0, 1], got {layer_decay}")
+        if layer_decay is not None and kwargs.get("final_weight_decay") is not None:
+            raise ValueError("--model.layer_decay with --model.final_weight_decay: the weight-decay ramp schedules one group; use one of them")
         super().__init__(
             *args, optimizer=optimizer, lr=lr, weight_decay=weight_decay, nesterov=nesterov, warmup_epochs=warmup_epochs, **kwargs
         )
@@ -109,6 +118,12 @@ class MeanTeacher(MomentumTargets, BackboneModule):
 
     def trained_modules(self) -> list[nn.Module]:
         return [self.backbone, self.head]
+
+    def param_groups(self) -> list[dict]:
+        hp = self.hparams
+        if hp.layer_decay is None:
+            return super().param_groups()
+        return fine_tune_param_groups(self.backbone, self.head, hp.lr, hp.weight_decay, hp.layer_decay)
 
     # -- training ----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

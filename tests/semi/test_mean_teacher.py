@@ -317,6 +317,22 @@ def test_teacher_is_in_no_optimizer_group_and_follows_the_running_average():
     assert torch.allclose(model.teacher_head.weight, torch.stack(snapshots).mean(0), atol=1e-6)
 
 
+def test_layer_decay_trains_the_head_at_lr_and_earlier_stages_at_decayed_rates():
+    model = tiny_teacher(lr=0.1, layer_decay=0.5)
+    optimizer = model.configure_optimizers()["optimizer"]
+    lr_of = {id(p): group["initial_lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert set(lr_of) == {id(p) for p in [*model.backbone.parameters(), *model.head.parameters()]}
+    # the fine-tuning protocol's numbering on a ResNet: stem 0, layer1..layer4 1..4, the head 5
+    for layer, module in [(0, model.backbone.conv1), (1, model.backbone.layer1), (4, model.backbone.layer4), (5, model.head)]:
+        assert all(lr_of[id(p)] == pytest.approx(0.1 * 0.5 ** (5 - layer)) for p in module.parameters()), layer
+    decay = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    assert decay[id(model.head.weight)] == 5e-4 and decay[id(model.head.bias)] == 0.0
+    with pytest.raises(ValueError, match="layer_decay"):
+        tiny_teacher(layer_decay=0.0)
+    with pytest.raises(ValueError, match="final_weight_decay"):
+        tiny_teacher(layer_decay=0.5, final_weight_decay=0.1)
+
+
 def test_teacher_predicts_in_eval_mode():
     model = tiny_teacher(backbone_kwargs={"drop_rate": 0.5})
     assert model.backbone.training and not model.teacher_backbone.training and not model.teacher_head.training
