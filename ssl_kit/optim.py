@@ -12,8 +12,14 @@ from torch import nn
 OptimizerName = Literal["sgd", "lars", "adamw"]
 
 
+#: Marks an optimizer group whose weight decay a schedule may change (``final_weight_decay``): the
+#: weights'. ``build_optimizer`` drops it, so optimizers and their checkpoints never hold it.
+DECAYED = "decayed"
+
+
 def decay_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
-    """Two groups: weights with ``weight_decay``; biases and norm weights (1-D params) without it.
+    """Two groups: weights with ``weight_decay`` (marked ``DECAYED``); biases and norm weights (1-D
+    params) without it.
 
     lightly's LARS skips its trust-ratio adaptation for groups with zero weight decay, so the
     second group is also excluded from LARS adaptation, as in Barlow Twins / SimCLR."""
@@ -23,7 +29,7 @@ def decay_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict
             if param.requires_grad:
                 (no_decay if param.ndim <= 1 else decay).append(param)
     return [
-        {"params": decay, "weight_decay": weight_decay},
+        {"params": decay, "weight_decay": weight_decay, DECAYED: True},
         {"params": no_decay, "weight_decay": 0.0},
     ]
 
@@ -39,6 +45,7 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """``fused``: torch's single-kernel update for all parameters (SGD, AdamW; CPU and CUDA), fewer
     launches and passes over memory than the default multi-tensor (foreach) one."""
+    groups = [{key: value for key, value in group.items() if key != DECAYED} for group in groups]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, fused=fused)
     if name == "lars":

@@ -14,7 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ssl_kit.data.base import SSLDataModule
 from ssl_kit.data.datasets import Transformed
 from ssl_kit.evaluation.features import per_view
-from ssl_kit.optim import OptimizerName, build_optimizer, decay_groups, warmup_cosine_config
+from ssl_kit.optim import DECAYED, OptimizerName, build_optimizer, decay_groups, warmup_cosine_config
 from ssl_kit.transforms import ViewAugmentation
 
 
@@ -60,7 +60,8 @@ def fine_tune_param_groups(
             continue
         decayed = param.ndim > 1  # decay_groups' rule: no decay on biases and norm weights
         group = groups.setdefault(
-            (layer, decayed), {"params": [], "lr": lr * layer_decay ** (top - layer), "weight_decay": weight_decay if decayed else 0.0}
+            (layer, decayed),
+            {"params": [], "lr": lr * layer_decay ** (top - layer), "weight_decay": weight_decay if decayed else 0.0, DECAYED: decayed},
         )
         group["params"].append(param)
     return [groups[key] for key in sorted(groups)]

@@ -16,7 +16,7 @@ from ssl_kit.checkpoints import read_checkpoint, resume_checkpoint, upgrade_hpar
 from ssl_kit.evaluation.knn import knn_predict
 from ssl_kit.inputs import InputSpec
 from ssl_kit.models.backbones import backbone_spec, build_from_spec
-from ssl_kit.optim import OptimizerName, TrainingBudget, build_optimizer, cosine_decay, decay_groups, warmup_cosine_config
+from ssl_kit.optim import DECAYED, OptimizerName, TrainingBudget, build_optimizer, cosine_decay, decay_groups, warmup_cosine_config
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -40,9 +40,10 @@ class BackboneModule(L.LightningModule):
     MSN's masked encoders call the backbone's parts directly and stay uncompiled),
     ``fused_optimizer`` uses torch's fused SGD / AdamW.
 
-    ``final_weight_decay``: the decaying group's weight decay follows a cosine from ``weight_decay``
-    to it over the run's budget, set before each optimizer step (the official DINO, MSN and I-JEPA
-    ViT recipes: 0.04 -> 0.4); ``None`` keeps it constant.
+    ``final_weight_decay``: the weight decay of the decaying groups (those ``param_groups`` marks
+    ``DECAYED``: the weights, at every layer-wise learning rate) follows a cosine from
+    ``weight_decay`` to it over the run's budget, set before each optimizer step (the official DINO,
+    MSN and I-JEPA ViT recipes: 0.04 -> 0.4); ``None`` keeps it constant.
     """
 
     #: Whether ResNets' residual branches start at zero (see ``backbone_spec``); ``backbone_kwargs`` overrides.
@@ -80,6 +81,7 @@ class BackboneModule(L.LightningModule):
         self.backbone = build_from_spec(self.backbone_spec)
         self.feature_dim: int = self.backbone.num_features
         self._budget: TrainingBudget | None = None
+        self.decayed_groups: list[int] = []  # the optimizer's groups that final_weight_decay schedules
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
@@ -143,19 +145,21 @@ class BackboneModule(L.LightningModule):
         return self.budget.fraction(step)
 
     def weight_decay_at(self, progress: float) -> float:
-        """The decaying group's weight decay ``progress`` (0 to 1) of the way through the run."""
+        """The decaying groups' weight decay ``progress`` (0 to 1) of the way through the run."""
         hp = self.hparams
         if hp.get("final_weight_decay") is None:
             return hp.weight_decay
         return hp.final_weight_decay + (hp.weight_decay - hp.final_weight_decay) * cosine_decay(progress)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        """Sets the decaying group's weight decay for the coming optimizer step, when it is scheduled."""
+        """Sets the decaying groups' weight decay for the coming optimizer step, when it is scheduled."""
         if self.hparams.get("final_weight_decay") is None:
             return
-        decay_group = self.trainer.optimizers[0].param_groups[0]  # param_groups(): the decaying group first
-        decay_group["weight_decay"] = self.weight_decay_at(self.run_fraction(self.global_step))
-        self.log("train/weight_decay", decay_group["weight_decay"])
+        weight_decay = self.weight_decay_at(self.run_fraction(self.global_step))
+        groups = self.trainer.optimizers[0].param_groups
+        for index in self.decayed_groups:
+            groups[index]["weight_decay"] = weight_decay
+        self.log("train/weight_decay", weight_decay)
 
     def trained_modules(self) -> list[nn.Module]:
         """Modules in the weight-decay / no-decay groups at the base learning rate."""
@@ -166,7 +170,8 @@ class BackboneModule(L.LightningModule):
         return []
 
     def param_groups(self) -> list[dict]:
-        """The optimizer's groups: ``trained_modules`` with and without weight decay, then the extra ones."""
+        """The optimizer's groups: ``trained_modules`` with and without weight decay, then the extra
+        ones; the groups whose weight decay ``final_weight_decay`` schedules are marked ``DECAYED``."""
         return decay_groups(self.trained_modules(), self.hparams.weight_decay) + self.extra_param_groups()
 
     def configure_optimizers(self):
@@ -177,6 +182,8 @@ class BackboneModule(L.LightningModule):
                 "decay, so every step would be plain SGD. Give a weight decay (Barlow Twins: 1.5e-6) or use sgd."
             )
         groups = self.param_groups()
+        # by position: the optimizer drops the mark, and a resumed optimizer's groups keep the order
+        self.decayed_groups = [index for index, group in enumerate(groups) if group.get(DECAYED)]
         optimizer = build_optimizer(hp.optimizer, groups, hp.lr, hp.momentum, hp.betas, hp.nesterov, hp.fused_optimizer)
         return warmup_cosine_config(optimizer, self.trainer, hp.warmup_epochs, hp.min_lr_fraction, self.budget)
 

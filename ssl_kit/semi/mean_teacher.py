@@ -76,8 +76,6 @@ class MeanTeacher(MomentumTargets, BackboneModule):
     ) -> None:
         if layer_decay is not None and not 0 < layer_decay <= 1:
             raise ValueError(f"--model.layer_decay must be in (0, 1], got {layer_decay}")
-        if layer_decay is not None and kwargs.get("final_weight_decay") is not None:
-            raise ValueError("--model.layer_decay with --model.final_weight_decay: the weight-decay ramp schedules one group; use one of them")
         super().__init__(
             *args, optimizer=optimizer, lr=lr, weight_decay=weight_decay, nesterov=nesterov, warmup_epochs=warmup_epochs, **kwargs
         )

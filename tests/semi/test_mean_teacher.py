@@ -329,8 +329,20 @@ def test_layer_decay_trains_the_head_at_lr_and_earlier_stages_at_decayed_rates()
     assert decay[id(model.head.weight)] == 5e-4 and decay[id(model.head.bias)] == 0.0
     with pytest.raises(ValueError, match="layer_decay"):
         tiny_teacher(layer_decay=0.0)
-    with pytest.raises(ValueError, match="final_weight_decay"):
-        tiny_teacher(layer_decay=0.5, final_weight_decay=0.1)
+
+
+def test_weight_decay_ramp_reaches_the_weights_at_every_layer_wise_learning_rate(tmp_path):
+    cli = fit(
+        "mean_teacher_digits.yaml", tmp_path, "--trainer.max_steps", "2", "--data.batch_size", "4", "--model.layer_decay", "0.5",
+        "--model.weight_decay", "0.04", "--model.final_weight_decay", "0.4",
+    )  # fmt: skip
+    groups = cli.trainer.optimizers[0].param_groups
+    assert len({group["initial_lr"] for group in groups}) == 6  # the stem, layer1..layer4 and the head
+    # the last set value (for the 2nd step, 1 of 2 done) on every group of weights; biases and norms stay at 0
+    for group in groups:
+        weights = all(p.ndim > 1 for p in group["params"])
+        assert group["weight_decay"] == (pytest.approx(cli.model.weight_decay_at(1 / 2)) if weights else 0.0)
+        assert "decayed" not in group  # the mark stays out of the optimizer and its checkpoints
 
 
 def test_teacher_predicts_in_eval_mode():
