@@ -41,7 +41,12 @@ class MeanTeacher(MomentumTargets, BackboneModule):
     ``.ckpt`` or an exported backbone), which is the pretrain -> self-train pipeline. With a
     pretrained start, ``layer_decay`` trains backbone stage ``i`` of ``L`` at ``lr * layer_decay **
     (L - i)`` and the new head at ``lr`` (the fine-tuning protocol's ``fine_tune_param_groups``), so
-    early steps, when the head and pseudo-labels are still poor, move the pretrained features less.
+    early steps, when the head and pseudo-labels are still poor, move the pretrained features less;
+    ``frozen_backbone_fraction`` goes further: over that first fraction of the run the head trains
+    alone on the backbone's features (their gradients are dropped before each step: no update, no
+    weight decay), then everything trains. This is LP-FT (Kumar et al. 2022, "Fine-Tuning can
+    Distort Pretrained Features"): a head that already fits the features sends them useful
+    gradients from the first full step, where a random head's distort them.
 
     From random init, ResNets keep timm's zero-initialised residual branches (the supervised
     recipe): with them, the digits test's teacher reaches 0.923 (labels alone 0.763), without them
@@ -72,10 +77,13 @@ class MeanTeacher(MomentumTargets, BackboneModule):
         nesterov: bool = True,
         warmup_epochs: float = 0.0,
         layer_decay: float | None = None,
+        frozen_backbone_fraction: float = 0.0,
         **kwargs,
     ) -> None:
         if layer_decay is not None and not 0 < layer_decay <= 1:
             raise ValueError(f"--model.layer_decay must be in (0, 1], got {layer_decay}")
+        if not 0 <= frozen_backbone_fraction < 1:
+            raise ValueError(f"--model.frozen_backbone_fraction must be in [0, 1), got {frozen_backbone_fraction}")
         super().__init__(
             *args, optimizer=optimizer, lr=lr, weight_decay=weight_decay, nesterov=nesterov, warmup_epochs=warmup_epochs, **kwargs
         )
@@ -122,6 +130,17 @@ class MeanTeacher(MomentumTargets, BackboneModule):
         if hp.layer_decay is None:
             return super().param_groups()
         return fine_tune_param_groups(self.backbone, self.head, hp.lr, hp.weight_decay, hp.layer_decay)
+
+    def backbone_frozen(self, progress: float) -> bool:
+        return progress < self.hparams.frozen_backbone_fraction
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """While the backbone is frozen its gradients are dropped (DDP has already averaged them, so
+        every rank agrees), then ``--trainer.gradient_clip_val`` clips what is left."""
+        if self.backbone_frozen(self.run_fraction(self.global_step)):
+            for param in self.backbone.parameters():
+                param.grad = None
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- training ----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

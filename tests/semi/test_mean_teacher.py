@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import fit, mean_teacher_learning_run
+from helpers import fit, fresh_copy, mean_teacher_learning_run
 from ssl_kit.data import DigitsDataModule
 from ssl_kit.data.splits import few_label_split
 from ssl_kit.data.semi_supervised import SemiSupervisedBatch
@@ -343,6 +343,22 @@ def test_weight_decay_ramp_reaches_the_weights_at_every_layer_wise_learning_rate
         weights = all(p.ndim > 1 for p in group["params"])
         assert group["weight_decay"] == (pytest.approx(cli.model.weight_decay_at(1 / 2)) if weights else 0.0)
         assert "decayed" not in group  # the mark stays out of the optimizer and its checkpoints
+
+
+@pytest.mark.parametrize("steps, backbone_moves", [(2, False), (4, True)])
+def test_frozen_backbone_fraction_trains_the_head_alone_then_everything(tmp_path, steps, backbone_moves):
+    cli = fit(
+        "mean_teacher_digits.yaml", tmp_path, "--trainer.max_steps", str(steps), "--data.batch_size", "4",
+        "--model.frozen_backbone_fraction", str(2 / steps - 0.01), "--model.final_weight_decay", "0.1",
+    )  # fmt: skip
+    model, fresh = cli.model, fresh_copy(cli.model)
+    assert cli.trainer.global_step == steps
+    moved = [not torch.equal(p, q) for p, q in zip(model.backbone.parameters(), fresh.backbone.parameters())]
+    # the first 2 steps (under the fraction) leave every backbone parameter as it was, weight decay included
+    assert all(moved) if backbone_moves else not any(moved)
+    assert not torch.equal(model.head.weight, fresh.head.weight)
+    with pytest.raises(ValueError, match="frozen_backbone_fraction"):
+        tiny_teacher(frozen_backbone_fraction=1.0)
 
 
 def test_teacher_predicts_in_eval_mode():
