@@ -60,8 +60,7 @@ def main(argv: list[str] | None = None) -> list[float]:
         cli = build(args.config, fit_args, root / f"round{round_index}", backbone)
         data = cli.datamodule
         data.setup("fit")
-        # the weights come from the checkpoint: do not re-read the teacher's own starting point
-        teacher = MeanTeacher.load_from_checkpoint(teacher_checkpoint, map_location="cpu", init_from=None, pretrained=False)
+        teacher = MeanTeacher.load_from_checkpoint(teacher_checkpoint, map_location="cpu")
         probs = predict(teacher, data.unlabeled_pool_dataloader())
         selected = select_pseudo_labels(probs, args.threshold, balance=not args.no_balance)
         if len(selected) == 0:

@@ -81,7 +81,8 @@ class Entry:
 
     ``init_from``: pretrain -> self-train. The method of another entry on the same dataset whose
     pretrained backbone (same seed and fold) starts this entry's run (``--model.init_from``; a
-    ``MeanTeacher`` entry's student and teacher). That entry's cell leaves its final backbone in its
+    ``MeanTeacher`` entry's student and teacher; with ``--trainer.max_epochs 0``, the entry scores
+    that backbone's features as they are). That entry's cell leaves its final backbone in its
     folder (``BACKBONE_FILE``); where it has not run on this machine, this cell runs its pretraining
     first, in a folder of its own."""
 

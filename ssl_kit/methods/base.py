@@ -16,6 +16,7 @@ from ssl_kit.checkpoints import read_checkpoint, resume_checkpoint, upgrade_hpar
 from ssl_kit.evaluation.knn import knn_predict
 from ssl_kit.inputs import InputSpec
 from ssl_kit.models.backbones import backbone_spec, build_from_spec
+from ssl_kit.models.saved import load_backbone_weights
 from ssl_kit.optim import DECAYED, OptimizerName, TrainingBudget, build_optimizer, cosine_decay, decay_groups, warmup_cosine_config
 
 
@@ -31,6 +32,12 @@ class BackboneModule(L.LightningModule):
 
     ``input_spec`` (what one sample looks like: ``ssl_kit.inputs.InputSpec``) and ``num_classes``
     are linked from the DataModule by the CLI.
+
+    The backbone starts from random init, from timm's weights (``pretrained``, downloaded), or from
+    an ssl_kit checkpoint (``init_from``: a pretraining or self-training ``.ckpt``, or a backbone
+    exported by ``python -m ssl_kit.export``; the same architecture, or an error naming the file).
+    Methods build their other networks (EMA targets, teachers) from it afterwards, so those start
+    from it too.
 
     Speed options (off by default: each helps only on some hardware; README "Speed" has the
     measurements), applied when fitting starts so checkpoints stay plain:
@@ -72,13 +79,17 @@ class BackboneModule(L.LightningModule):
         compile_backbone: bool = False,
         fused_optimizer: bool = False,
         final_weight_decay: float | None = None,
+        pretrained: bool = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["input_spec"])
         self.input_spec = InputSpec.coerce(input_spec)
         self.hparams["input_spec"] = self.input_spec.to_dict()  # plain types: weights-only loading reads it
         self.backbone_spec = backbone_spec(backbone, self.input_spec, small_image, backbone_kwargs, self.zero_init_last)
-        self.backbone = build_from_spec(self.backbone_spec)
+        self.backbone = build_from_spec(self.backbone_spec, pretrained=pretrained)
+        if init_from is not None:
+            load_backbone_weights(self.backbone, self.backbone_spec, init_from)
         self.feature_dim: int = self.backbone.num_features
         self._budget: TrainingBudget | None = None
         self.decayed_groups: list[int] = []  # the optimizer's groups that final_weight_decay schedules
@@ -86,7 +97,10 @@ class BackboneModule(L.LightningModule):
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
         """Lightning's loader, for checkpoints written before a change of their class's path
-        (``MOVED_CLASSES``) or of its arguments (``upgrade_hparams``) too."""
+        (``MOVED_CLASSES``) or of its arguments (``upgrade_hparams``) too. The weights come from the
+        checkpoint, so the run's starting point (``init_from``, ``pretrained``) is not read again
+        (it may be gone); a keyword argument still overrides."""
+        kwargs = {"init_from": None, "pretrained": False, **kwargs}
         checkpoint = read_checkpoint(checkpoint_path, mmap=True)
         hparams = checkpoint.get("hyper_parameters", {})
         upgraded = upgrade_hparams(hparams)

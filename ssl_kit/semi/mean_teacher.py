@@ -13,8 +13,6 @@ from ssl_kit.evaluation.features import per_view
 from ssl_kit.evaluation.fine_tune import fine_tune_param_groups
 from ssl_kit.methods.base import BackboneModule
 from ssl_kit.methods.momentum import EMAUpdater, MomentumSchedule, MomentumTargets, frozen_copy
-from ssl_kit.models.backbones import build_from_spec
-from ssl_kit.models.saved import load_backbone_weights
 from ssl_kit.semi.criteria import CRITERIA, SelfTrainingLoss, criterion_arguments
 
 
@@ -36,9 +34,9 @@ class MeanTeacher(MomentumTargets, BackboneModule):
 
     The teacher follows the student by the shared ``EMAUpdater`` (``running_average``: the mean of
     all students until ``1 - 1/(t+1)`` reaches ``ema_momentum``). Validation reports the teacher's
-    and the student's accuracy; test reports the teacher's. The backbone starts from random init,
-    from timm's weights (``pretrained``), or from an ssl_kit checkpoint (``init_from``: a pretraining
-    ``.ckpt`` or an exported backbone), which is the pretrain -> self-train pipeline. With a
+    and the student's accuracy; test reports the teacher's. The backbone (student and teacher)
+    starts from random init, timm's weights (``pretrained``) or an ssl_kit checkpoint
+    (``init_from``, see ``BackboneModule``), which is the pretrain -> self-train pipeline. With a
     pretrained start, ``layer_decay`` trains backbone stage ``i`` of ``L`` at ``lr * layer_decay **
     (L - i)`` and the new head at ``lr`` (the fine-tuning protocol's ``fine_tune_param_groups``), so
     early steps, when the head and pseudo-labels are still poor, move the pretrained features less;
@@ -69,8 +67,6 @@ class MeanTeacher(MomentumTargets, BackboneModule):
         fairness_weight: float = 0.001,
         ema_momentum: float = 0.999,
         ema_schedule: MomentumSchedule = "running_average",
-        init_from: str | None = None,
-        pretrained: bool = False,
         optimizer: Literal["sgd", "lars", "adamw"] = "sgd",
         lr: float = 0.03,
         weight_decay: float = 5e-4,
@@ -87,10 +83,6 @@ class MeanTeacher(MomentumTargets, BackboneModule):
         super().__init__(
             *args, optimizer=optimizer, lr=lr, weight_decay=weight_decay, nesterov=nesterov, warmup_epochs=warmup_epochs, **kwargs
         )
-        if pretrained:
-            self.backbone = build_from_spec(self.backbone_spec, pretrained=True)
-        if init_from is not None:
-            load_backbone_weights(self.backbone, self.backbone_spec, init_from)
         num_classes = self.hparams.num_classes
         self.head = nn.Linear(self.feature_dim, num_classes)
         self.teacher_backbone = frozen_copy(self.backbone)

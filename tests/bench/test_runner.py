@@ -139,7 +139,9 @@ def test_init_from_entry_self_trains_from_the_pretrained_cells_backbone(tmp_path
     path, suite = suite_file(tmp_path, seeds=[0], protocols={"knn": {"k": 5}, "few_label": {"labels_per_class": 5, "epochs": 5}})
     simclr, teacher = suite["entries"]
     teacher = {**teacher, "method": "MeanTeacher from SimCLR", "init_from": "SimCLR", "args": [*teacher["args"], "--trainer.max_epochs", "0"]}
-    suite["entries"] = [simclr, teacher]
+    # the pretraining's own config, untrained: the few-label probe of the backbone the teacher starts from
+    probe = {**simclr, "method": "Probe on SimCLR", "init_from": "SimCLR", "protocols": ["few_label"], "args": ["--trainer.max_epochs", "0"]}
+    suite["entries"] = [simclr, teacher, probe]
     path.write_text(yaml.safe_dump(suite))
     run_main("--config", str(path))
     rows = ResultStore(suite["store"]).rows("tiny")
@@ -151,6 +153,8 @@ def test_init_from_entry_self_trains_from_the_pretrained_cells_backbone(tmp_path
     assert self_trained["config"]["fit"]["model"]["init_args"]["init_from"] == str(pretrained)
     assert same_weights(runs / cells["MeanTeacher from SimCLR"] / "backbone.pt", pretrained)
     assert not (runs / cells["MeanTeacher from SimCLR"] / "init").exists()  # the SimCLR cell's run was reused
+    assert [row["protocol"] for row in rows if row["method"] == "Probe on SimCLR"] == ["few_label"]
+    assert same_weights(runs / cells["Probe on SimCLR"] / "backbone.pt", pretrained)
 
     # the self-training cell first: it pretrains SimCLR under its own folder, seed 0 as the cell
     suite |= {"name": "first", "entries": [teacher, simclr], "workdir": str(tmp_path / "other")}

@@ -148,3 +148,21 @@ def test_export_rebuilds_small_image_variant(tmp_path, capsys):
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert model.conv1.kernel_size == (3, 3)
     assert torch.equal(model.conv1.weight, checkpoint["state_dict"]["backbone.conv1.weight"])
+
+
+def test_any_method_starts_from_a_checkpoint_or_an_export_and_reloads_without_it(tmp_path):
+    fit("quickstart.yaml", tmp_path / "simclr", "--trainer.max_epochs", "1")
+    checkpoint = tmp_path / "simclr" / "checkpoints" / "last.ckpt"
+    export = export_main([str(checkpoint), str(tmp_path / "backbone.pt")])
+    pretrained = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]["backbone.conv1.weight"]
+    for start in (checkpoint, export):  # BYOL on quickstart's backbone: its EMA target starts from the weights too
+        cli = fit("byol_digits.yaml", tmp_path / "byol", "--model.init_from", str(start), "--trainer.max_steps", "0")
+        assert torch.equal(cli.model.backbone.conv1.weight, pretrained)
+        assert torch.equal(cli.model.momentum_backbone.conv1.weight, pretrained)
+    # a checkpoint holds its weights: reloading it does not read the starting point, which may be gone
+    cli = fit("byol_digits.yaml", tmp_path / "byol_trained", "--model.init_from", str(export), "--trainer.max_steps", "1")
+    export.unlink()
+    reloaded = type(cli.model).load_from_checkpoint(tmp_path / "byol_trained" / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert torch.equal(reloaded.backbone.conv1.weight, cli.model.backbone.conv1.weight)
+    with pytest.raises(ValueError, match="last.ckpt.*does not fit"):
+        fit("byol_digits.yaml", tmp_path / "other", "--model.backbone", "resnet34", "--model.init_from", str(checkpoint), "--trainer.max_steps", "0")
