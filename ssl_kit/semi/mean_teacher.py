@@ -42,9 +42,10 @@ class MeanTeacher(MomentumTargets, BackboneModule):
     early steps, when the head and pseudo-labels are still poor, move the pretrained features less;
     ``frozen_backbone_fraction`` goes further: over that first fraction of the run the head trains
     alone on the backbone's features (their gradients are dropped before each step: no update, no
-    weight decay), then everything trains. This is LP-FT (Kumar et al. 2022, "Fine-Tuning can
-    Distort Pretrained Features"): a head that already fits the features sends them useful
-    gradients from the first full step, where a random head's distort them.
+    weight decay), then everything trains: LP-FT (Kumar et al. 2022, "Fine-Tuning can Distort
+    Pretrained Features"), whose head already fits the features when their training starts. On
+    the CIFAR-10 self-training suite (1,000 steps, seed 2) it scored below plain FixMatch from the
+    same start (the backbone then trains at the full learning rate), and layer decay above it.
 
     From random init, ResNets keep timm's zero-initialised residual branches (the supervised
     recipe): with them, the digits test's teacher reaches 0.923 (labels alone 0.763), without them
