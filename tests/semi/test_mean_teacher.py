@@ -361,6 +361,21 @@ def test_frozen_backbone_fraction_trains_the_head_alone_then_everything(tmp_path
         tiny_teacher(frozen_backbone_fraction=1.0)
 
 
+def test_head_init_std_starts_a_near_zero_head_that_predicts_uniformly_on_pretrained_scale_features():
+    torch.manual_seed(0)
+    default, small = tiny_teacher(), tiny_teacher(head_init_std=2e-5)
+    assert 1e-5 < small.head.weight.std().item() < 3e-5 and small.head.weight.abs().max().item() <= 4e-5
+    assert not small.head.bias.any() and torch.equal(small.teacher_head.weight, small.head.weight)
+    # features of the norm a 60-minute SimCLR ResNet gives on CIFAR-10 (~64; ~0.2 at random init)
+    features = 64 * F.normalize(torch.randn(256, default.feature_dim).relu(), dim=1)
+    default_confidence = default.teacher_head(features).softmax(-1).max(-1).values
+    small_confidence = small.teacher_head(features).softmax(-1).max(-1).values
+    assert default_confidence.mean() > 0.3  # a random head's confident guesses (on real SimCLR features, past 0.95)
+    assert small_confidence.max() < 0.11  # uniform until the labeled samples train the head
+    with pytest.raises(ValueError, match="head_init_std"):
+        tiny_teacher(head_init_std=0.0)
+
+
 def test_teacher_predicts_in_eval_mode():
     model = tiny_teacher(backbone_kwargs={"drop_rate": 0.5})
     assert model.backbone.training and not model.teacher_backbone.training and not model.teacher_head.training
