@@ -10,7 +10,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ssl_kit.data.semi_supervised import SemiSupervisedBatch
 from ssl_kit.evaluation.features import per_view
-from ssl_kit.evaluation.fine_tune import fine_tune_param_groups
+from ssl_kit.evaluation.fine_tune import classifier_head, fine_tune_param_groups
 from ssl_kit.methods.base import BackboneModule
 from ssl_kit.methods.momentum import EMAUpdater, MomentumSchedule, MomentumTargets, frozen_copy
 from ssl_kit.semi.criteria import CRITERIA, SelfTrainingLoss, criterion_arguments
@@ -88,16 +88,11 @@ class MeanTeacher(MomentumTargets, BackboneModule):
             raise ValueError(f"--model.layer_decay must be in (0, 1], got {layer_decay}")
         if not 0 <= frozen_backbone_fraction < 1:
             raise ValueError(f"--model.frozen_backbone_fraction must be in [0, 1), got {frozen_backbone_fraction}")
-        if head_init_std is not None and not head_init_std > 0:
-            raise ValueError(f"--model.head_init_std must be positive, got {head_init_std}")
         super().__init__(
             *args, optimizer=optimizer, lr=lr, weight_decay=weight_decay, nesterov=nesterov, warmup_epochs=warmup_epochs, **kwargs
         )
         num_classes = self.hparams.num_classes
-        self.head = nn.Linear(self.feature_dim, num_classes)
-        if head_init_std is not None:
-            nn.init.trunc_normal_(self.head.weight, std=head_init_std, a=-2 * head_init_std, b=2 * head_init_std)
-            nn.init.zeros_(self.head.bias)
+        self.head = classifier_head(self.feature_dim, num_classes, head_init_std)
         self.teacher_backbone = frozen_copy(self.backbone)
         self.teacher_head = frozen_copy(self.head)
         self.ema = EMAUpdater(

@@ -157,8 +157,26 @@ def test_layer_decay_lrs_for_vit_video_vit_and_resnet():
 
 
 class KeepModel(L.Callback):
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.initial_head = pl_module.head.weight.detach().clone()
+
     def on_train_end(self, trainer, pl_module) -> None:
         self.model = pl_module
+
+
+def test_fine_tune_starts_its_head_near_zero_with_head_init_std():
+    from ssl_kit.data.image import DigitsDataModule
+
+    keep = KeepModel()
+    P.fine_tune(
+        tiny_vit(depth=1), DigitsDataModule(image_size=8, batch_size=64, num_workers=0), 10, epochs=0, lr=3e-3, weight_decay=0.05,
+        head_init_std=2e-5, trainer_kwargs={"accelerator": "cpu", "callbacks": [keep]},
+    )  # fmt: skip
+    assert 1e-5 < keep.initial_head.std().item() < 3e-5 and keep.initial_head.abs().max().item() <= 4e-5
+    default = P.classifier_head(64, 10).weight
+    assert default.std().item() > 1e-2  # PyTorch's default init: uniform within 1/sqrt(64)
+    with pytest.raises(ValueError, match="head_init_std must be positive"):
+        P.classifier_head(64, 10, init_std=-1.0)
 
 
 @pytest.mark.slow
