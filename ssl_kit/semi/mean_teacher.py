@@ -46,12 +46,11 @@ class MeanTeacher(MomentumTargets, BackboneModule):
     Pretrained Features"), whose head already fits the features when their training starts. On
     the CIFAR-10 self-training suite (1,000 steps, seed 2) it scored below plain FixMatch from
     SimCLR (the backbone then trains at the full learning rate), and layer decay above both.
-    ``head_init_std`` starts the new head's weights from a truncated normal of that std, its bias at
-    0, as MAE's fine-tuning does (2e-5; None keeps PyTorch's default): a pretrained backbone's
-    features are far larger than at random init (norm ~50 after 10 minutes of SimCLR on CIFAR-10,
-    ~64 after 60, against ~0.2), so a default head is confidently wrong from the first step and
-    FixMatch's threshold admits its random pseudo-labels (60-minute SimCLR start, seed 0: 87% kept,
-    19% right by step 20); a near-zero head predicts uniformly until the labeled samples train it.
+    ``head_init_std`` starts the new head near zero (``classifier_head``, whose docstring says why):
+    a default head on a pretrained backbone's large features is confidently wrong from the first
+    step, and FixMatch's threshold admits its random pseudo-labels (60-minute SimCLR start on
+    CIFAR-10, seed 0: 87% kept, 19% right by step 20); a near-zero head predicts uniformly until
+    the labeled samples train it.
 
     From random init, ResNets keep timm's zero-initialised residual branches (the supervised
     recipe): with them, the digits test's teacher reaches 0.923 (labels alone 0.763), without them
