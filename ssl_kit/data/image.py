@@ -105,10 +105,28 @@ class MNISTDataModule(SSLDataModule):
         return Splits(pretrain=train, train=train, val=val, test=ArrayImages(test_x, test_y))
 
 
+class _CIFARBatchUnpickler(pickle.Unpickler):
+    """CIFAR's python batches are pickles of a dict of lists, strings and one uint8 array. Only numpy's
+    array and dtype constructors may be looked up, so a crafted batch file cannot run code (a plain
+    ``pickle.load``, as torchvision's reader does, runs whatever the file names)."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),  # protocols 2-4
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5
+        ("_codecs", "encode"),  # bytes in a protocol-2 pickle written by Python 3
+    }  # fmt: skip
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR batch holds only lists, strings and a numpy array")
+        return super().find_class(module, name)
+
+
 def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as handle:
-            entry = pickle.load(handle, encoding="latin1")
+            entry = _CIFARBatchUnpickler(handle, encoding="latin1").load()
         images = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         return np.ascontiguousarray(images), np.asarray(entry[label_key], dtype=np.int64)
     except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as error:

@@ -133,8 +133,9 @@ def test_digits_loaders_shapes():
 # -- CIFAR --------------------------------------------------------------------------------------------
 
 
-def write_cifar(path: Path, images: np.ndarray, labels, label_key: str) -> None:
-    """One python-pickle CIFAR batch: 'data' is uint8 (N, 3072), channel-major rows of 32x32."""
+def write_cifar(path: Path, images: np.ndarray, labels, label_key: str, protocol: int = 2, **extra) -> None:
+    """One python-pickle CIFAR batch: 'data' is uint8 (N, 3072), channel-major rows of 32x32; ``extra``
+    entries are added to its dict."""
     entry = {
         "batch_label": path.name,
         "data": images.transpose(0, 3, 1, 2).reshape(len(images), 3072),
@@ -145,7 +146,7 @@ def write_cifar(path: Path, images: np.ndarray, labels, label_key: str) -> None:
         entry["coarse_labels"] = [int(v) // 5 for v in labels]
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as handle:
-        pickle.dump(entry, handle, protocol=2)
+        pickle.dump(entry | extra, handle, protocol=protocol)
 
 
 def test_cifar10_pixels_labels_splits_and_loaders(tmp_path):
@@ -194,6 +195,33 @@ def test_cifar10_pixels_labels_splits_and_loaders(tmp_path):
     torch.testing.assert_close(images[4], expected, atol=1e-5, rtol=0)
     views, labels = next(iter(dm.train_dataloader()))
     assert len(views) == 2 and all(v.shape == (10, 3, 32, 32) for v in views) and labels.shape == (10,)
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_a_crafted_cifar_batch_is_refused_without_running_its_code(tmp_path, protocol):
+    """CIFAR's batches are pickles: the reader looks up numpy's array constructors and nothing else,
+    so a batch whose pickle calls a function fails, naming the file, and the function never runs.
+    Real batches (protocol 2, as the official files) and protocol 5 (numpy's out-of-band arrays) read."""
+    from ssl_kit.data.image import _read_cifar_batch
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    write_cifar(tmp_path / "data_batch_1", images, [1, 2, 3], "labels", protocol)
+    read, labels = _read_cifar_batch(tmp_path / "data_batch_1", "labels")
+    np.testing.assert_array_equal(read, images)
+    assert labels.tolist() == [1, 2, 3]
+
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    write_cifar(tmp_path / "data_batch_2", images, [1, 2, 3], "labels", protocol, batch_label=Payload())
+    with pytest.raises(ValueError, match=r"cannot read CIFAR batch file .*data_batch_2: refusing to load "):
+        _read_cifar_batch(tmp_path / "data_batch_2", "labels")
+    assert not marker.exists()
+    pickle.loads((tmp_path / "data_batch_2").read_bytes())  # the payload is real: a plain unpickling runs it
+    assert marker.exists()
 
 
 def test_cifar100_fine_labels(tmp_path):
