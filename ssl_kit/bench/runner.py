@@ -84,7 +84,9 @@ class Entry:
     ``MeanTeacher`` entry's student and teacher; with ``--trainer.max_epochs 0``, the entry scores
     that backbone's features as they are). That entry's cell leaves its final backbone in its
     folder (``BACKBONE_FILE``); where it has not run on this machine, this cell runs its pretraining
-    first, in a folder of its own."""
+    first, in a folder of its own. ``init_dataset``: the named entry's dataset, where it is not this
+    entry's (one pretraining feeds the self-training of every label count: the label count does not
+    change a self-supervised run)."""
 
     method: str
     dataset: str
@@ -98,11 +100,12 @@ class Entry:
     folds: list[int | str] | None = None
     fold_arg: str = "--data.fold"
     init_from: str | None = None
+    init_dataset: str | None = None
 
 
 #: Entry fields added after stores were written: at these values they stay out of a cell's key, so
 #: stored cells keep theirs (``seeds`` and ``folds`` never enter: the cell's own seed and fold do).
-LATER_FIELDS = {"pipeline": "ssl_kit", "reference": None, "fold_arg": "--data.fold", "init_from": None}
+LATER_FIELDS = {"pipeline": "ssl_kit", "reference": None, "fold_arg": "--data.fold", "init_from": None, "init_dataset": None}
 #: Protocol settings added after stores were written, at the value every earlier row had: written
 #: out in a suite, they stay out of its cells' keys too (``few_label``'s choice on the whole val split).
 LATER_PROTOCOL_SETTINGS = {"few_label": {"selection": "val"}}
@@ -400,15 +403,19 @@ def run_suite(
 
 
 def init_entry(entry: Entry, entries: list[Entry]) -> Entry | None:
-    """The entry that ``entry.init_from`` names: the one of that method on the same dataset."""
+    """The entry that ``entry.init_from`` names: the one of that method on ``entry.init_dataset``
+    (by default the entry's own dataset)."""
     if entry.init_from is None:
+        if entry.init_dataset is not None:
+            raise ValueError(f"entry {entry.method} on {entry.dataset}: init_dataset {entry.init_dataset!r} needs an init_from")
         return None
-    named = [other for other in entries if other.method == entry.init_from and other.dataset == entry.dataset]
+    dataset = entry.init_dataset or entry.dataset
+    named = [other for other in entries if other.method == entry.init_from and other.dataset == dataset]
     if len(named) != 1:
-        methods = sorted({other.method for other in entries if other.dataset == entry.dataset and other.method != entry.method})
+        methods = sorted({other.method for other in entries if other.dataset == dataset and other.method != entry.method})
         raise ValueError(
-            f"entry {entry.method} on {entry.dataset}: init_from {entry.init_from!r} must name exactly one entry of that dataset "
-            f"(found {len(named)}); its methods: {methods}"
+            f"entry {entry.method} on {entry.dataset}: init_from {entry.init_from!r} must name exactly one entry of dataset "
+            f"{dataset!r} (found {len(named)}); its methods: {methods}"
         )
     return named[0]
 

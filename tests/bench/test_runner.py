@@ -174,8 +174,33 @@ def test_init_from_entry_self_trains_from_the_pretrained_cells_backbone(tmp_path
     assert Cell("s", entries[1], 0, {}, tmp_path, init=changed).key != key
     loaded = Entry(**{**simclr, "checkpoint": str(pretrained)})  # a checkpoint entry: its file, nothing trained
     assert Cell("s", entries[1], 0, {}, tmp_path, init=loaded).initial_backbone() == pretrained
-    with pytest.raises(ValueError, match=r"init_from 'MoCoV3' must name exactly one entry of that dataset.*\['SimCLR'\]"):
+    with pytest.raises(ValueError, match=r"init_from 'MoCoV3' must name exactly one entry of dataset 'Digits'.*\['SimCLR'\]"):
         init_entry(Entry(**{**teacher, "init_from": "MoCoV3"}), entries)
+
+
+def test_init_dataset_starts_self_training_from_another_datasets_pretraining(tmp_path):
+    """One pretraining feeds every label count: with ``init_dataset`` an entry starts from the named
+    method's cell on that dataset (same seed), so its key is that cell's; without it, the stored keys
+    are unchanged, and an ``init_dataset`` that names no entry of the method, or comes without
+    ``init_from``, is an error that names it."""
+    from ssl_kit.bench.runner import Entry, cell_key, init_entry
+
+    config = str(REPO / "configs" / "mean_teacher_digits.yaml")
+    simclr = Entry("SimCLR", "Digits (4 labels)", str(REPO / "configs" / "simclr_digits.yaml"))
+    few = Entry("FixMatch from SimCLR", "Digits (4 labels)", config, init_from="SimCLR")
+    more = Entry("FixMatch from SimCLR", "Digits (25 labels)", config, ["--data.labels_per_class", "25"], init_from="SimCLR", init_dataset="Digits (4 labels)")
+    entries = [simclr, few, more]
+    assert init_entry(more, entries) is simclr and init_entry(few, entries) is simclr
+    pretraining = Cell("s", simclr, 1, {}, tmp_path)
+    assert Cell("s", more, 1, {}, tmp_path, init=init_entry(more, entries)).init.key == pretraining.key
+    assert Cell("s", more, 1, {}, tmp_path, init=init_entry(more, entries)).init.root == pretraining.root
+    # the field stays out of the keys of entries that do not set it: this key was computed before it existed
+    stored = Entry("FixMatch from SimCLR", "Digits (4 labels)", "configs/mean_teacher_digits.yaml", init_from="SimCLR")
+    assert cell_key("s", stored, 0, {}, init_key="0123456789abcdef") == "ff6f441c65e319fd"
+    with pytest.raises(ValueError, match=r"init_from 'SimCLR' must name exactly one entry of dataset 'Digits \(400 labels\)'"):
+        init_entry(Entry(**{**vars(more), "init_dataset": "Digits (400 labels)"}), entries)
+    with pytest.raises(ValueError, match=r"init_dataset 'Digits \(4 labels\)' needs an init_from"):
+        init_entry(Entry(**{**vars(more), "init_from": None}), entries)
 
 
 def wait_for(condition, timeout: float) -> None:
