@@ -5,7 +5,9 @@ over the target: Lightning's own save stages the file in ``$TMPDIR`` and, when t
 filesystem, moves it by copying, so a kill during the copy leaves a truncated ``last.ckpt`` and the
 previous good one gone. ``resume_checkpoint`` picks the newest readable checkpoint of a run for
 ``--ckpt_path last``, naming any it has to pass over. ``RandomStateCheckpoint`` carries the random
-generators across a resume. ``read_checkpoint`` loads with torch's weights-only unpickler.
+generators across a resume. ``RunFolderGuard`` keeps one run per checkpoint folder and a fresh run
+from overwriting an earlier one's checkpoints. ``read_checkpoint`` loads with torch's weights-only
+unpickler.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import os
 import pickle
 import random
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -151,3 +154,79 @@ class RandomStateCheckpoint(Callback):
         torch.set_rng_state(state_dict["torch"])
         if "cuda" in state_dict and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+class RunFolderGuard(Callback):
+    """One run per checkpoint folder, and no run's checkpoints overwritten by a fresh run.
+
+    * From the start of a fit to its end, rank zero holds an exclusive ``flock`` on
+      ``.<folder name>.lock`` beside each local checkpoint folder. A second run into the same folder
+      stops at once with an error naming the folder and the process that holds it: two runs saving
+      ``last.ckpt`` in turn would each resume, or be scored on, the other's weights. The system drops
+      the lock when its process ends, kill -9 included, so no stale lock outlives a run.
+    * A fresh run (no checkpoint resumed) into a folder that holds checkpoints moves them, at its
+      first save, into ``<folder>-previous-<time>/`` beside it, and says so; a resumed run continues
+      its own. Lightning's default is to overwrite them.
+    """
+
+    def __init__(self) -> None:
+        self.locks: list[int] = []
+        self.found: dict[Path, list[Path]] = {}  # folder -> the checkpoints it held when the fit started
+
+    @staticmethod
+    def folders(trainer) -> list[Path]:
+        paths = {callback.dirpath for callback in trainer.checkpoint_callbacks if callback.dirpath}
+        return sorted(Path(path) for path in paths if isinstance(get_filesystem(path), LocalFileSystem))
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit" or not trainer.is_global_zero:
+            return
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: no flock, so no lock
+            fcntl = None
+        for folder in self.folders(trainer):
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            self.found[folder] = sorted(folder.glob("*.ckpt"))
+            if fcntl is None:
+                continue
+            handle = os.open(folder.parent / f".{folder.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(handle, 200, 0).decode(errors="replace").strip() or "another process"
+                os.close(handle)
+                self.release()
+                raise RuntimeError(
+                    f"{folder} is in use by another run ({holder}): two runs saving checkpoints there would overwrite "
+                    "each other's. Wait for it to end, or give this run another --trainer.default_root_dir."
+                ) from None
+            os.ftruncate(handle, 0)
+            os.pwrite(handle, f"pid {os.getpid()} on {os.uname().nodename}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+            self.locks.append(handle)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        found, self.found = self.found, {}  # only before the first save
+        if trainer.ckpt_path is not None:
+            return
+        for folder, paths in found.items():
+            paths = [path for path in paths if path.exists()]
+            if paths:
+                stamp = time.strftime("%Y%m%d-%H%M%S")
+                aside = next(folder.with_name(f"{folder.name}-previous-{stamp}{suffix}") for suffix in ("", *(f"-{n}" for n in range(2, 1000))) if not folder.with_name(f"{folder.name}-previous-{stamp}{suffix}").exists())
+                aside.mkdir()
+                for path in paths:
+                    path.rename(aside / path.name)
+                log.warning("ssl_kit: %s held an earlier run's checkpoints; this fresh run moved them to %s", folder, aside)
+
+    def release(self) -> None:
+        for handle in self.locks:
+            os.close(handle)  # closing drops the flock
+        self.locks, self.found = [], {}
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            self.release()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.release()

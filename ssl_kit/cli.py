@@ -16,7 +16,7 @@ import ssl_kit.data  # noqa: F401 - registers DataModules for short class names
 import ssl_kit.methods  # noqa: F401 - registers methods for short class names
 import ssl_kit.semi  # noqa: F401 - registers self-training methods for short class names
 import ssl_kit.transforms  # noqa: F401 - registers view augmentations for short class names
-from ssl_kit.checkpoints import AtomicCheckpointIO, RandomStateCheckpoint, resume_checkpoint
+from ssl_kit.checkpoints import AtomicCheckpointIO, RandomStateCheckpoint, RunFolderGuard, resume_checkpoint
 from ssl_kit.data import SSLDataModule
 from ssl_kit.methods import BackboneModule
 
@@ -43,7 +43,8 @@ class SSLCLI(LightningCLI):
     ``last_checkpoint`` (``last.ckpt`` every epoch, for ``--ckpt_path last``) and
     ``checkpoint`` (kept every ``every_n_epochs``), both in ``<default_root_dir>/checkpoints``,
     written atomically (``AtomicCheckpointIO``) with the random generators' state
-    (``RandomStateCheckpoint``); ``--ckpt_path last`` resumes the newest readable one."""
+    (``RandomStateCheckpoint``); ``--ckpt_path last`` resumes the newest readable one. One run at a
+    time per folder, and a fresh run keeps an earlier one's checkpoints (``RunFolderGuard``)."""
 
     def __init__(self, **kwargs) -> None:
         kwargs.setdefault("trainer_defaults", {"default_root_dir": DEFAULT_ROOT})
@@ -89,7 +90,7 @@ class SSLCLI(LightningCLI):
         for callback in callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                 callback.dirpath = str(root / "checkpoints")
-        callbacks.append(RandomStateCheckpoint())
+        callbacks.extend([RandomStateCheckpoint(), RunFolderGuard()])
         plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):

@@ -221,6 +221,49 @@ def test_an_interrupted_run_resumed_from_last_ends_where_an_uninterrupted_one_do
 
 
 @pytest.mark.slow
+def test_one_run_per_folder_and_a_fresh_run_keeps_the_earlier_checkpoints(tmp_path, caplog):
+    """A run into a folder another live process is writing stops at once, naming the folder and
+    that process; once the holder is killed (-9: no clean-up) the folder is free. A fresh run into a
+    folder of checkpoints moves them aside, byte for byte, instead of overwriting them; a resumed
+    run continues its own."""
+    import logging
+    import subprocess
+    import sys
+
+    from helpers import REPO, TINY
+
+    from ssl_kit.fit import main
+
+    args = ["--config", str(REPO / "configs" / "quickstart.yaml"), *TINY, "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "1"]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
+         "os.write(fd, b'pid %d' % os.getpid()); print('held', flush=True); time.sleep(120)", str(tmp_path / ".checkpoints.lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RuntimeError, match=rf"{tmp_path / 'checkpoints'} is in use by another run \(pid {holder.pid}\)"):
+            main(args)
+        assert not (tmp_path / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    main(args)
+    first = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
+
+    with caplog.at_level(logging.WARNING, logger="ssl_kit"):
+        main([*args, "--seed_everything", "1"])  # a fresh, other run: the first run's checkpoint goes aside, whole
+    (aside,) = tmp_path.glob("checkpoints-previous-*")
+    assert str(aside) in caplog.text
+    assert (aside / "last.ckpt").read_bytes() == first
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() != first
+
+    main([*args[:-1], "2", "--seed_everything", "1", "--ckpt_path", "last"])  # resumed: nothing moved
+    assert len(list(tmp_path.glob("checkpoints-previous-*"))) == 1
+    assert read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 4
+
+
+@pytest.mark.slow
 def test_folder_errors_are_one_clear_sentence(tmp_path):
     """A missing root, an empty train/ and a train/ with one class folder each stop with a sentence
     naming the folder (the command line prints it last, once, not inside jsonargparse's chained
