@@ -10,6 +10,7 @@ import sys
 from jsonargparse import ArgumentParser, CLI
 
 from ssl_kit.bench.report import write_report
+from ssl_kit.bench.report.summary import RANDOM_INIT
 from ssl_kit.bench.runner import DEFAULT_STORE, run_suite
 
 
@@ -18,8 +19,9 @@ def report(argv: list[str]) -> None:
     parser.add_argument("--store", default=DEFAULT_STORE, help="SQLite results store")
     parser.add_argument("--out", default="benchmarks/results/leaderboard", help="folder for leaderboard.md/.html and the plots")
     parser.add_argument("--suite", default=None, help="only this suite's results")
+    parser.add_argument("--reference", default=RANDOM_INIT, help="the method the gains are measured against")
     args = parser.parse_args(argv)
-    for kind, path in write_report(args.store, args.out, args.suite).items():
+    for kind, path in write_report(args.store, args.out, args.suite, reference=args.reference).items():
         print(f"{kind}: {path}")
 
 

@@ -40,6 +40,7 @@ from ssl_kit import evaluation as P
 from ssl_kit.evaluation import extract_datasets, extract_splits
 from ssl_kit.bench.lightly_reference import reference_pipeline
 from ssl_kit.bench.report import write_report
+from ssl_kit.bench.report.summary import RANDOM_INIT
 from ssl_kit.bench.snapshots import Snapshots, snapshot_networks
 from ssl_kit.bench.store import CLAIM_LEASE_S, Result, ResultStore
 from ssl_kit.cli import SSLCLI
@@ -352,6 +353,7 @@ def run_suite(
     workdir: str = "runs/bench",
     report: str | None = None,
     description: str = "",
+    reference: str = RANDOM_INIT,
 ) -> int:
     """Runs every unfinished cell of the suite (entries x seeds) that no other process is running;
     returns how many this process ran.
@@ -374,6 +376,8 @@ def run_suite(
         workdir: where each cell's pretraining run (checkpoints, logs) goes.
         report: a folder where the suite's leaderboard (Markdown, HTML, PNG) is rendered at the end.
         description: Markdown shown under the report's title: the budget, the command that made it.
+        reference: the method whose rows the report's gains are measured against, per dataset,
+            protocol and backbone: random-init features, or a self-training suite's "Supervised only".
     """
     if not re.fullmatch(r"[\w.()+ -]+", name) or name.strip(".") == "":
         raise ValueError(f"suite name {name!r} cannot name a folder under {workdir}: use letters, digits, spaces and . _ - ( ) +")
@@ -398,7 +402,7 @@ def run_suite(
         _write(results, rows)
         ran += 1
     if report is not None:
-        _render(store, report, name, description)
+        _render(store, report, name, description, reference)
     return ran
 
 
@@ -442,8 +446,8 @@ def _lease(store: ResultStore, suite: str, cell: str) -> Iterator[None]:
 
 
 @rank_zero_only
-def _render(store: str, out: str, suite: str, description: str) -> None:
-    for kind, path in write_report(store, out, suite, description).items():
+def _render(store: str, out: str, suite: str, description: str, reference: str) -> None:
+    for kind, path in write_report(store, out, suite, description, reference).items():
         log.warning("%s: %s", kind, path)
 
 

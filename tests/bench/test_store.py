@@ -161,7 +161,7 @@ def test_markdown_leaderboard(report):
         "| Random init (resnet18) | 55.0 ± 6.9 | 57.0 ± 6.9 | 6.7 min, 40 epochs |",
     ]
     assert "| simclr (resnet18) | 65.0 ± 1.7, Δ +5.0 | 67.0 ± 1.7, Δ +5.0 |" in fsdd and "![fsdd](fsdd.png)" in fsdd
-    assert text.count("Mean ± std over 3 seeds") == 2 and "Δ: the gain over random-init features" in text
+    assert text.count("Mean ± std over 3 seeds") == 2 and "Δ: the gain over the random-init row of the same backbone" in text
     assert text.index("## fsdd") < text.index("## About this suite\n\n" + DESCRIPTION)
     assert "final checkpoint" in text and "never on the test set" in text
     assert git_head() in text and "- Suites: `suite`" in text and "torch 2." in text and "- Hardware: `" in text
@@ -182,6 +182,33 @@ def test_gain_is_mean_minus_random_init_of_the_same_backbone():
     # a dataset without any random-init row (a self-training table): the pivots say nothing per cell
     (alone,) = summarize([vars(result(method="mae", backbone="vit", seed=0, value=0.7, dataset="other"))])
     assert (alone["dataset_has_reference"], gain_label(alone)) == (False, "")
+
+
+def test_a_suite_reference_is_the_yardstick_of_its_gains_and_texts(tmp_path):
+    """A self-training suite measures its rows against its own baseline (``reference: Supervised
+    only``): the gains, the at-a-glance sentence, the footnote, the HTML header and the figure name
+    it, and a random-init row is then one row among the others."""
+    store = ResultStore(tmp_path / "store.sqlite")
+    for method, protocol, values in (
+        ("Supervised only", "few_label", (0.19, 0.21)), ("FixMatch", "few_label", (0.34, 0.36)),
+        ("Random init", "few_label", (0.10, 0.10)), ("SimCLR", "knn", (0.52, 0.54)),
+    ):  # fmt: skip
+        for seed, value in enumerate(values):
+            store.add([result("st", f"{method}-{seed}", method=method, protocol=protocol, seed=seed, value=value)])
+    rows = store.rows("st")
+    supervised, fixmatch, random_init, simclr = (
+        next(e for e in summarize(rows, "Supervised only") if e["method"] == m) for m in ("Supervised only", "FixMatch", "Random init", "SimCLR")
+    )
+    assert fixmatch["gain"] == pytest.approx(0.15) and random_init["gain"] == pytest.approx(-0.10) and supervised["gain"] is None
+    assert (gain_text(supervised), gain_text(simclr)) == ("", "no supervised-only row for this backbone")
+    paths = write_report(store.path, tmp_path / "report", suite="st", reference="Supervised only")
+    text = paths["markdown"].read_text()
+    assert "above supervised only on every protocol (smallest gain, points): FixMatch (resnet18) +15.0" in text
+    assert "at or below it on some protocol: Random init (resnet18) (few_label top1 −10.0); no supervised-only row to compare with: SimCLR (resnet18)." in text
+    assert "Δ: the gain over the supervised-only row of the same backbone" in text
+    assert "Gain over supervised only (points)" in paths["html"].read_text()
+    # the default yardstick is still random init
+    assert next(e for e in summarize(rows) if e["method"] == "FixMatch")["gain"] == pytest.approx(0.25)
 
 
 def test_plots_are_png(report):
@@ -211,15 +238,17 @@ def test_committed_reports_render_without_warnings(tmp_path):
 
     import yaml
 
-    suites = sorted(Path(__file__).parents[2].glob("benchmarks/leaderboard*.yaml"))
-    assert suites
+    benchmarks = Path(__file__).parents[2] / "benchmarks"
+    suites = sorted([*benchmarks.glob("leaderboard*.yaml"), *benchmarks.glob("self_training*.yaml")])
+    assert len(suites) >= 3
     for suite in suites:
         config = yaml.safe_load(suite.read_text())
         store = Path(__file__).parents[2] / config["store"]
+        reference = config.get("reference", "Random init")
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            paths = write_report(store, tmp_path / suite.stem, suite=config["name"], description=config["description"])
-        assert "Random init" in paths["markdown"].read_text() and len(paths) > 2
+            paths = write_report(store, tmp_path / suite.stem, suite=config["name"], description=config["description"], reference=reference)
+        assert f"{reference} (" in paths["markdown"].read_text() and len(paths) > 2
 
 
 def test_report_errors_name_the_store(tmp_path, report):

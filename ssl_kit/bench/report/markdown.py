@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ssl_kit.bench.report.summary import RULES, at_a_glance, board_note, best_means, budget_text, column_name, dataset_boards, gain_label, percent, provenance_of, seed_counts, summarize
+from ssl_kit.bench.report.summary import RANDOM_INIT, RULES, at_a_glance, board_note, best_means, budget_text, column_name, dataset_boards, gain_label, percent, provenance_of, seed_counts, summarize
 
 
-def markdown(rows: list[dict], description: str = "", plots: dict[str, Path] | None = None) -> str:
-    """The leaderboard: a sentence per dataset on what beats random init, a pivot per dataset
-    (methods x protocols, gain over random init, budget) with its figure (``plots``: dataset ->
-    PNG in the same folder), then the suite's description, the rules and provenance."""
-    boards = dataset_boards(summarize(rows))
+def markdown(rows: list[dict], description: str = "", plots: dict[str, Path] | None = None, reference: str = RANDOM_INIT) -> str:
+    """The leaderboard: a sentence per dataset on what beats the ``reference`` method (random init),
+    a pivot per dataset (methods x protocols, gain over the reference, budget) with its figure
+    (``plots``: dataset -> PNG in the same folder), then the suite's description, the rules and provenance."""
+    boards = dataset_boards(summarize(rows, reference))
     lines = ["# Benchmark leaderboard", "", "## At a glance", ""] + [f"- {at_a_glance(dataset, board)}" for dataset, board in boards.items()]
     for dataset, (columns, ranked) in boards.items():
         show_n = len(seed_counts(ranked)) > 1

@@ -1,4 +1,4 @@
-"""The self-contained HTML page: what beats random init at a glance, a pivot and a figure per
+"""The self-contained HTML page: what beats random init (or a suite's reference) at a glance, a pivot and a figure per
 dataset, the suite's description, the full sortable table, provenance."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from ssl_kit.bench.report.summary import RANDOM_INIT, RULES, at_a_glance, best_means, board_note, budget_text, column_name, dataset_boards, gain_label, gain_text, percent, provenance_of, seed_counts, summarize
+from ssl_kit.bench.report.summary import RANDOM_INIT, RULES, at_a_glance, best_means, board_note, budget_text, column_name, dataset_boards, gain_label, gain_text, is_reference, percent, provenance_of, seed_counts, summarize
 
 # The HTML table's columns: (summary field, header, format). Text columns (no format) sort by
 # their text, numeric ones by the field's value in ``data-v``.
@@ -20,7 +20,7 @@ HTML_COLUMNS: list[tuple[str, str, Callable[[dict], str] | None]] = [
     ("method", "Method", None),
     ("backbone", "Backbone", None),
     ("mean", "Mean ± std (%)", percent),
-    ("gain", "Gain over random init (points)", gain_text),
+    ("gain", "Gain over {reference} (points)", gain_text),
     ("n", "Seeds", lambda e: str(e["n"])),
     ("wall_time_s", "Wall time (s)", lambda e: f"{e['wall_time_s']:.1f}"),
     ("epochs", "Epochs", lambda e: f"{e['epochs']:g}"),
@@ -87,7 +87,7 @@ def html_cell(entry: dict, field: str, show: Callable[[dict], str] | None) -> st
 
 def pivot_cell(entry: dict | None, best: float, show_n: bool) -> str:
     """Mean ± std (and the seed count where counts differ), bold where best in its column, with
-    the gain over random init coloured by sign."""
+    the gain over the reference coloured by sign."""
     if entry is None:
         return '<td class="num">–</td>'
     gain = gain_label(entry)
@@ -104,7 +104,7 @@ def pivot(dataset: str, columns, ranked, figure: Path | None) -> str:
     show_n = len(seed_counts(ranked)) > 1
     head = "".join(f"<th>{escape(column_name(c))}</th>" for c in columns)
     body = "\n".join(
-        f'<tr{" class=reference" if next(iter(row.values()))["method"] == RANDOM_INIT else ""}><td>{escape(label)}</td>'
+        f'<tr{" class=reference" if is_reference(next(iter(row.values()))) else ""}><td>{escape(label)}</td>'
         + "".join(pivot_cell(row.get(c), best[c], show_n) for c in columns)
         + f"<td>{escape(budget_text(row))}</td></tr>"
         for label, row in ranked
@@ -116,16 +116,20 @@ def pivot(dataset: str, columns, ranked, figure: Path | None) -> str:
     )
 
 
-def html(rows: list[dict], plots: dict[str, Path], description: str = "") -> str:
+def html(rows: list[dict], plots: dict[str, Path], description: str = "", reference: str = RANDOM_INIT) -> str:
     """A self-contained page (inline CSS and JS, PNGs as data: URIs, no network): at a glance, a
     pivot and figure per dataset (``plots``: dataset -> PNG), the description, the sortable
-    leaderboard of every cell and the provenance of the rows."""
+    leaderboard of every cell and the provenance of the rows; gains are over ``reference``."""
     escape = html_lib.escape
-    boards = dataset_boards(summarize(rows))
+    summary = summarize(rows, reference)
+    boards = dataset_boards(summary)
     glance = "".join(f"<li>{escape(at_a_glance(dataset, board))}</li>" for dataset, board in boards.items())
     pivots = "\n".join(pivot(dataset, *board, Path(plots[dataset]) if dataset in plots else None) for dataset, board in boards.items())
-    header = "".join(f'<th data-key="{field}" data-numeric="{str(show is not None).lower()}">{escape(title)}</th>' for field, title, show in HTML_COLUMNS)
-    body = "\n".join("<tr>" + "".join(html_cell(entry, field, show) for field, _, show in HTML_COLUMNS) + "</tr>" for entry in summarize(rows))
+    header = "".join(
+        f'<th data-key="{field}" data-numeric="{str(show is not None).lower()}">{escape(title.format(reference=reference.lower()))}</th>'
+        for field, title, show in HTML_COLUMNS
+    )
+    body = "\n".join("<tr>" + "".join(html_cell(entry, field, show) for field, _, show in HTML_COLUMNS) + "</tr>" for entry in summary)
     provenance = "\n".join(
         f"<dt>{escape(name)}</dt>" + "".join(f"<dd><code>{escape(v)}</code></dd>" for v in values) for name, values in provenance_of(rows).items()
     )

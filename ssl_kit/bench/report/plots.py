@@ -1,4 +1,4 @@
-"""The PNG figures: one headline figure per dataset, with the gain over random init of every
+"""The PNG figures: one headline figure per dataset, with the gain over random init (or a suite's reference) of every
 method and protocol and, where the store has them, test kNN curves against pretraining time."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ssl_kit.bench.report.summary import RANDOM_INIT, Board, column_name
+from ssl_kit.bench.report.summary import Board, column_name, reference_words
 
 #: Okabe and Ito's colour-blind-safe palette, the faint yellow last.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442")
@@ -19,7 +19,7 @@ LIGHTLY = "lightly "
 
 
 def plot_dataset(dataset: str, board: Board, curves: dict[str, list[tuple[float, float, float]]], path: str | Path) -> Path:
-    """The headline figure of one dataset: gain over random init (bars, error bars combining both
+    """The headline figure of one dataset: gain over the reference (bars, error bars combining both
     stds) per method and protocol and, when ``curves`` (row label -> (seconds, mean, std)) is not
     empty, test kNN against pretraining wall-clock, a line per method."""
     columns, ranked = board
@@ -28,15 +28,16 @@ def plot_dataset(dataset: str, board: Board, curves: dict[str, list[tuple[float,
     figure = Figure(figsize=(18 if curves else 10, height), layout="constrained")
     axes = figure.subplots(1, 2 if curves else 1, squeeze=False)[0]
     figure.suptitle(dataset, fontweight="bold")
-    plot_gains(axes[0], columns, rows)
+    plot_gains(axes[0], columns, rows, reference_words(next(iter(ranked[0][1].values())))[0])
     if curves:
         plot_curves(axes[1], curves)
     figure.savefig(path, dpi=100, bbox_inches="tight")  # long method labels must not push the axes out
     return Path(path)
 
 
-def plot_gains(ax, columns, rows) -> None:
-    """Horizontal bars, a group per method (best first) and a colour per protocol."""
+def plot_gains(ax, columns, rows, reference: str) -> None:
+    """Horizontal bars, a group per method (best first) and a colour per protocol; ``reference``
+    as the texts name it (``random init``)."""
     width = 0.8 / len(columns)
     for j, column in enumerate(columns):
         placed = [(i, row[column]) for i, (_, row) in enumerate(rows) if column in row and row[column]["gain"] is not None]
@@ -52,11 +53,11 @@ def plot_gains(ax, columns, rows) -> None:
     ax.axvline(0, color="grey", linewidth=1)
     ax.set_yticks(range(len(rows)), [label for label, _ in rows])
     ax.invert_yaxis()
-    ax.set(xlabel="points over random init of the same backbone", title="gain over random-init features")
+    ax.set(xlabel=f"points over {reference} of the same backbone", title=f"gain over {reference}")
     if rows:
         ax.legend(loc="best", fontsize="small")
     else:
-        ax.text(0.5, 0.5, f"no {RANDOM_INIT.lower()} rows to compare with", ha="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, f"no {reference} rows to compare with", ha="center", transform=ax.transAxes)
 
 
 def plot_curves(ax, curves: dict[str, list[tuple[float, float, float]]]) -> None:

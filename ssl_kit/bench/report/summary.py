@@ -1,6 +1,7 @@
 """The store's rows aggregated for the reports: mean ± sample std over seeds per cell, the gain
-over random-init features of the same backbone, the per-dataset boards (methods x protocols), the
-time-to-accuracy curves and the provenance."""
+over the reference row of the same backbone (random-init features, or a suite's own baseline such
+as supervised-only), the per-dataset boards (methods x protocols), the time-to-accuracy curves and
+the provenance."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ KEY = ("dataset", "protocol", "method", "backbone", "metric")
 #: Test kNN of snapshots during pretraining (metric ``top1@<seconds>s``): plotted against time, not tabled.
 CURVE = "knn_curve"
 #: The method name of suite entries that evaluate a backbone without pretraining: the yardstick
-#: every other row of the same backbone is measured against.
+#: every other row of the same backbone is measured against, unless a suite names another
+#: (``reference``: a self-training suite's "Supervised only").
 RANDOM_INIT = "Random init"
+#: Rows that explain a self-training result (mask rate, pseudo-label accuracy), not scores: no gain.
+DIAGNOSTIC = "self_training"
 PROTOCOL_ORDER = ("linear", "knn", "fine_tune", "few_label")
 RULES = (
     "Every number comes from the final checkpoint of its run (no early stopping, no checkpoint picking), "
@@ -26,9 +30,9 @@ Column = tuple[str, str]  # (protocol, metric)
 Board = tuple[list[Column], list[tuple[str, dict[Column, dict]]]]  # columns, ranked (label, cells)
 
 
-def summarize(rows: Iterable[dict]) -> list[dict]:
+def summarize(rows: Iterable[dict], reference: str = RANDOM_INIT) -> list[dict]:
     """One entry per (dataset, protocol, method, backbone, metric), aggregated over seeds (or
-    cross-validation folds: ``spread``), with its gain over random init (``add_gains``)."""
+    cross-validation folds: ``spread``), with its gain over the ``reference`` method (``add_gains``)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
         groups[tuple(row[k] for k in KEY)].append(row)
@@ -42,7 +46,7 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
                 **{field: mean_known(row[field] for row in group) for field in ("wall_time_s", "epochs", "throughput")},
             }
         )
-    add_gains(summary)
+    add_gains(summary, reference)
     return summary
 
 
@@ -66,20 +70,33 @@ def fold_order(fold: str) -> tuple:
     return (not fold.isdigit(), int(fold) if fold.isdigit() else 0, fold)
 
 
-def add_gains(summary: list[dict]) -> None:
-    """Sets ``gain`` (mean minus the random-init mean of the same dataset, protocol, metric and
-    backbone) and ``gain_std`` (the two stds combined as for a difference of independent means) on
-    every entry; both are None on random-init entries and where the backbone has no random-init
-    row (``has_reference`` tells the two apart; ``dataset_has_reference``: any backbone has one)."""
-    references = {reference_key(e): e for e in summary if e["method"] == RANDOM_INIT}
+def add_gains(summary: list[dict], reference: str = RANDOM_INIT) -> None:
+    """Sets ``reference`` (the method name), ``gain`` (mean minus the reference's mean of the same
+    dataset, protocol, metric and backbone) and ``gain_std`` (the two stds combined as for a
+    difference of independent means) on every entry; both are None on the reference's entries and
+    where the backbone has no reference row (``has_reference`` tells the two apart;
+    ``dataset_has_reference``: any backbone has one)."""
+    references = {reference_key(e): e for e in summary if e["method"] == reference}
     datasets_with_reference = {key[0] for key in references}
     for entry in summary:
-        reference = references.get(reference_key(entry))
-        entry["has_reference"] = reference is not None
+        found = references.get(reference_key(entry))
+        entry["reference"] = reference
+        entry["has_reference"] = found is not None
         entry["dataset_has_reference"] = entry["dataset"] in datasets_with_reference
-        known = reference is not None and entry["method"] != RANDOM_INIT
-        entry["gain"] = entry["mean"] - reference["mean"] if known else None
-        entry["gain_std"] = hypot(entry["std"], reference["std"]) if known else None
+        known = found is not None and not is_reference(entry) and entry["protocol"] != DIAGNOSTIC
+        entry["gain"] = entry["mean"] - found["mean"] if known else None
+        entry["gain_std"] = hypot(entry["std"], found["std"]) if known else None
+
+
+def is_reference(entry: dict) -> bool:
+    return entry["method"] == entry["reference"]
+
+
+def reference_words(entry: dict) -> tuple[str, str]:
+    """How the texts name an entry's reference: ``random init`` and ``random-init`` (``supervised
+    only`` and ``supervised-only``)."""
+    noun = entry["reference"].lower()
+    return noun, noun.replace(" ", "-")
 
 
 def reference_key(entry: dict) -> tuple:
@@ -87,17 +104,17 @@ def reference_key(entry: dict) -> tuple:
 
 
 def gain_text(entry: dict) -> str:
-    """The gain in points, signed with a true minus (−); empty on random-init entries."""
-    if entry["method"] == RANDOM_INIT:
+    """The gain in points, signed with a true minus (−); empty on the reference's entries and on diagnostics."""
+    if is_reference(entry) or entry["protocol"] == DIAGNOSTIC:
         return ""
     if entry["gain"] is None:
-        return "no random-init row for this backbone"
+        return f"no {reference_words(entry)[1]} row for this backbone"
     return f"{100 * entry['gain']:+.1f}".replace("-", "−")
 
 
 def gain_label(entry: dict) -> str:
     """The gain as the pivots show it beside a cell: ``Δ +17.4``; nothing on a dataset without any
-    random-init row (a self-training table), where the at-a-glance line says so once."""
+    reference row, where the at-a-glance line says so once."""
     if entry["gain"] is not None:
         return f"Δ {gain_text(entry)}"
     return gain_text(entry) if entry["dataset_has_reference"] else ""
@@ -196,13 +213,14 @@ def budget_text(row: dict[Column, dict]) -> str:
 
 
 def at_a_glance(dataset: str, board: Board) -> str:
-    """One sentence per dataset that answers "which methods beat random init, by how much": rows
-    above it on every protocol with their smallest gain, rows below it on some protocol with the
-    worst, rows without a random-init row of their backbone."""
+    """One sentence per dataset that answers "which methods beat the reference (random init), by how
+    much": rows above it on every protocol with their smallest gain, rows below it on some protocol
+    with the worst, rows without a reference row of their backbone."""
     columns, ranked = board
+    noun, adjective = reference_words(next(iter(ranked[0][1].values())))
     above, below, unknown = [], [], []
     for label, row in ranked:
-        entries = [row[c] for c in columns if c in row and row[c]["method"] != RANDOM_INIT]
+        entries = [row[c] for c in columns if c in row and not is_reference(row[c]) and c[0] != DIAGNOSTIC]
         if not entries:
             continue
         gains = [(e["gain"], column_name(column_of(e))) for e in entries if e["gain"] is not None]
@@ -212,9 +230,9 @@ def at_a_glance(dataset: str, board: Board) -> str:
         worst, where = min(gains)
         text = f"{100 * worst:+.1f}".replace("-", "−")
         (above if worst > 0 else below).append(f"{label} {text}" if worst > 0 else f"{label} ({where} {text})")
-    parts = [f"above random init on every protocol (smallest gain, points): {', '.join(above)}"] if above else []
+    parts = [f"above {noun} on every protocol (smallest gain, points): {', '.join(above)}"] if above else []
     parts += [f"at or below it on some protocol: {', '.join(below)}"] if below else []
-    parts += [f"no random-init row to compare with: {', '.join(unknown)}"] if unknown else []
+    parts += [f"no {adjective} row to compare with: {', '.join(unknown)}"] if unknown else []
     return f"{dataset}: " + ("; ".join(parts) if parts else "no rows to compare") + "."
 
 
@@ -240,6 +258,6 @@ def board_note(ranked: list[tuple[str, dict[Column, dict]]]) -> str:
     if folds != {0}:  # cross-validation: a fold's value is the mean over its seeds
         over = (plural(folds.pop(), "fold") if len(folds) == 1 else "the folds") + f" (each the test split once) of {over}"
     return (
-        f"Mean ± std over {over}, in %. Δ: the gain over random-init features of the same backbone, in points; "
+        f"Mean ± std over {over}, in %. Δ: the gain over the {reference_words(next(iter(ranked[0][1].values())))[1]} row of the same backbone, in points; "
         "best per column in bold. Budget: wall time per cell (pretraining and evaluation) and pretraining epochs."
     )
