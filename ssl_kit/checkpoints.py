@@ -156,6 +156,15 @@ class RandomStateCheckpoint(Callback):
             torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
+def unused_name(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``, ... whichever does not exist yet."""
+    candidate, number = path, 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}-{number}")
+    return candidate
+
+
 class RunFolderGuard(Callback):
     """One run per checkpoint folder, and no run's checkpoints overwritten by a fresh run.
 
@@ -212,8 +221,7 @@ class RunFolderGuard(Callback):
         for folder, paths in found.items():
             paths = [path for path in paths if path.exists()]
             if paths:
-                stamp = time.strftime("%Y%m%d-%H%M%S")
-                aside = next(folder.with_name(f"{folder.name}-previous-{stamp}{suffix}") for suffix in ("", *(f"-{n}" for n in range(2, 1000))) if not folder.with_name(f"{folder.name}-previous-{stamp}{suffix}").exists())
+                aside = unused_name(folder.with_name(f"{folder.name}-previous-{time.strftime('%Y%m%d-%H%M%S')}"))
                 aside.mkdir()
                 for path in paths:
                     path.rename(aside / path.name)
