@@ -37,7 +37,8 @@ def plot_dataset(dataset: str, board: Board, curves: dict[str, list[tuple[float,
 
 def plot_gains(ax, columns, rows, reference: str) -> None:
     """Horizontal bars, a group per method (best first) and a colour per protocol; ``reference``
-    as the texts name it (``random init``)."""
+    as the texts name it (``random init``). Columns without a gain (diagnostics) are left out."""
+    columns = [column for column in columns if any(column in row and row[column]["gain"] is not None for _, row in rows)] or columns
     width = 0.8 / len(columns)
     for j, column in enumerate(columns):
         placed = [(i, row[column]) for i, (_, row) in enumerate(rows) if column in row and row[column]["gain"] is not None]
