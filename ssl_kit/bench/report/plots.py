@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ssl_kit.bench.report.summary import Board, column_name, reference_words
+from ssl_kit.bench.report.summary import Board, board_reference_words, column_name
 
 #: Okabe and Ito's colour-blind-safe palette, the faint yellow last.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442")
@@ -28,7 +28,7 @@ def plot_dataset(dataset: str, board: Board, curves: dict[str, list[tuple[float,
     figure = Figure(figsize=(18 if curves else 10, height), layout="constrained")
     axes = figure.subplots(1, 2 if curves else 1, squeeze=False)[0]
     figure.suptitle(dataset, fontweight="bold")
-    plot_gains(axes[0], columns, rows, reference_words(next(iter(ranked[0][1].values())))[0])
+    plot_gains(axes[0], columns, rows, board_reference_words(ranked)[0])
     if curves:
         plot_curves(axes[1], curves)
     figure.savefig(path, dpi=100, bbox_inches="tight")  # long method labels must not push the axes out

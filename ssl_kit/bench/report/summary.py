@@ -99,6 +99,11 @@ def reference_words(entry: dict) -> tuple[str, str]:
     return noun, noun.replace(" ", "-")
 
 
+def board_reference_words(ranked: list[tuple[str, dict[Column, dict]]]) -> tuple[str, str]:
+    """``reference_words`` of a board (every entry of a summary has the same reference)."""
+    return reference_words(next(iter(ranked[0][1].values())))
+
+
 def reference_key(entry: dict) -> tuple:
     return entry["dataset"], entry["protocol"], entry["metric"], entry["backbone"]
 
@@ -217,7 +222,7 @@ def at_a_glance(dataset: str, board: Board) -> str:
     much": rows above it on every protocol with their smallest gain, rows below it on some protocol
     with the worst, rows without a reference row of their backbone."""
     columns, ranked = board
-    noun, adjective = reference_words(next(iter(ranked[0][1].values())))
+    noun, adjective = board_reference_words(ranked)
     above, below, unknown = [], [], []
     for label, row in ranked:
         entries = [row[c] for c in columns if c in row and not is_reference(row[c]) and c[0] != DIAGNOSTIC]
@@ -258,6 +263,6 @@ def board_note(ranked: list[tuple[str, dict[Column, dict]]]) -> str:
     if folds != {0}:  # cross-validation: a fold's value is the mean over its seeds
         over = (plural(folds.pop(), "fold") if len(folds) == 1 else "the folds") + f" (each the test split once) of {over}"
     return (
-        f"Mean ± std over {over}, in %. Δ: the gain over the {reference_words(next(iter(ranked[0][1].values())))[1]} row of the same backbone, in points; "
+        f"Mean ± std over {over}, in %. Δ: the gain over the {board_reference_words(ranked)[1]} row of the same backbone, in points; "
         "best per column in bold. Budget: wall time per cell (pretraining and evaluation) and pretraining epochs."
     )
