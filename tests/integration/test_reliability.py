@@ -263,6 +263,19 @@ def test_one_run_per_folder_and_a_fresh_run_keeps_the_earlier_checkpoints(tmp_pa
     assert read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 4
 
 
+def test_earlier_checkpoints_go_to_a_folder_no_one_has_used(tmp_path):
+    """Two fresh runs within one second would pick the same ``-previous-<time>`` name: the second
+    gets ``-2``, so no earlier aside folder is ever merged into or overwritten."""
+    from ssl_kit.checkpoints import unused_name
+
+    base = tmp_path / "checkpoints-previous-20261207-190000"
+    assert unused_name(base) == base
+    base.mkdir()
+    assert unused_name(base) == tmp_path / "checkpoints-previous-20261207-190000-2"
+    (tmp_path / "checkpoints-previous-20261207-190000-2").mkdir()
+    assert unused_name(base).name.endswith("-3")
+
+
 @pytest.mark.slow
 def test_folder_errors_are_one_clear_sentence(tmp_path):
     """A missing root, an empty train/ and a train/ with one class folder each stop with a sentence
