@@ -40,7 +40,7 @@ from ssl_kit import evaluation as P
 from ssl_kit.evaluation import extract_datasets, extract_splits
 from ssl_kit.bench.lightly_reference import reference_pipeline
 from ssl_kit.bench.report import write_report
-from ssl_kit.bench.report.summary import RANDOM_INIT
+from ssl_kit.bench.report.summary import DIAGNOSTIC, RANDOM_INIT
 from ssl_kit.bench.snapshots import Snapshots, snapshot_networks
 from ssl_kit.bench.store import CLAIM_LEASE_S, Result, ResultStore
 from ssl_kit.cli import SSLCLI
@@ -253,7 +253,7 @@ class Cell:
             (metrics,) = cli.trainer.test(model, datamodule=data, verbose=False)
             values["few_label", "top1"] = float(metrics["test/acc"])
             late = late_means(self.root / "csv", SELF_TRAINING_DIAGNOSTICS)
-            values |= {("self_training", metric): value for metric, value in late.items()}
+            values |= {(DIAGNOSTIC, metric): value for metric, value in late.items()}
         frozen = [p for p in wanted if p in FROZEN_FEATURE_PROTOCOLS and not (self_training and p == "few_label")]
         extracted: dict[Any, dict[str, P.FeatureSet]] = {}  # by what reads them: the network itself (None), or PROTOCOL_FEATURES'
         for protocol in frozen:
