@@ -174,7 +174,8 @@ def test_gain_is_mean_minus_random_init_of_the_same_backbone():
         for seed, value in enumerate(values)
     ]
     random_init, mae, simclr = summarize(rows)
-    assert simclr["gain"] == pytest.approx(0.52 - 0.42) and simclr["gain_std"] == pytest.approx(math.hypot(simclr["std"], random_init["std"]))
+    # seed by seed: 0.51 - 0.40 and 0.53 - 0.44, so 0.10 ± the sample std of 0.11 and 0.09
+    assert simclr["gain"] == pytest.approx(0.10) and simclr["gain_std"] == pytest.approx(math.sqrt(2) * 0.01) and simclr["gain_seeds"] == [0, 1]
     assert (random_init["gain"], random_init["has_reference"], gain_text(random_init)) == (None, True, "")
     assert (mae["gain"], mae["has_reference"], gain_text(mae)) == (None, False, "no random-init row for this backbone")
     assert gain_text(simclr) == "+10.0" and gain_text({**simclr, "gain": -0.031}) == "−3.1"
@@ -182,6 +183,30 @@ def test_gain_is_mean_minus_random_init_of_the_same_backbone():
     # a dataset without any random-init row (a self-training table): the pivots say nothing per cell
     (alone,) = summarize([vars(result(method="mae", backbone="vit", seed=0, value=0.7, dataset="other"))])
     assert (alone["dataset_has_reference"], gain_label(alone)) == (False, "")
+
+
+def test_gain_pairs_seeds_with_the_reference():
+    """A row run on fewer seeds than its reference is measured against the reference on those
+    seeds only: a seed-0 row against the seed-0 reference, not against the three-seed mean."""
+    rows = [
+        vars(result(method=method, seed=seed, value=value))
+        for method, values in (("Random init", {0: 0.30, 1: 0.40, 2: 0.50}), ("one seed", {0: 0.35}), ("seeds 1-2", {1: 0.50, 2: 0.54}), ("seed 5", {5: 0.9}))
+        for seed, value in values.items()
+    ]
+    by_method = {entry["method"]: entry for entry in summarize(rows)}
+    assert by_method["one seed"]["gain"] == pytest.approx(0.05) and by_method["one seed"]["gain_std"] == 0.0  # unpaired: -0.05
+    assert by_method["seeds 1-2"]["gain"] == pytest.approx(0.07) and by_method["seeds 1-2"]["gain_std"] == pytest.approx(math.sqrt(2) * 0.03)
+    assert by_method["seeds 1-2"]["gain_seeds"] == [1, 2]
+    assert (by_method["seed 5"]["gain"], gain_text(by_method["seed 5"])) == (None, "no random-init row on the same seeds")
+    # cross-validation rows pair by fold, a fold's value being the mean over its seeds
+    folds = [
+        vars(result(method=method, seed=seed, value=value, fold=fold))
+        for method, values in (("Random init", {"0": (0.2, 0.4), "1": (0.5, 0.5)}), ("cv", {"0": (0.6, 0.6), "1": (0.6, 0.8)}))
+        for fold, pair in values.items()
+        for seed, value in enumerate(pair)
+    ]
+    cv = next(e for e in summarize(folds) if e["method"] == "cv")
+    assert cv["gain_seeds"] == ["0", "1"] and cv["gain"] == pytest.approx((0.3 + 0.2) / 2)
 
 
 def test_a_suite_reference_is_the_yardstick_of_its_gains_and_texts(tmp_path):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from math import hypot
 from statistics import fmean, stdev
 
 KEY = ("dataset", "protocol", "method", "backbone", "metric")
@@ -51,18 +50,20 @@ def summarize(rows: Iterable[dict], reference: str = RANDOM_INIT) -> list[dict]:
 
 
 def spread(group: list[dict], key: tuple) -> dict:
-    """``mean``, ``std``, ``n`` (seeds), ``seeds`` and ``folds`` of one group's rows: the mean ±
-    sample std over seeds or, for cross-validation rows (``fold`` set), over folds, a fold's value
-    being the mean over its seeds (one test fold is one estimate, however many seeds ran on it)."""
+    """``mean``, ``std``, ``n`` (seeds), ``seeds``, ``folds`` and ``values`` of one group's rows:
+    the mean ± sample std over seeds or, for cross-validation rows (``fold`` set), over folds, a
+    fold's value being the mean over its seeds (one test fold is one estimate, however many seeds
+    ran on it); ``values`` maps each seed (fold) to its value, which ``add_gains`` pairs."""
     by_fold: dict[str | None, list[float]] = defaultdict(list)
     for row in group:
         by_fold[row.get("fold")].append(row["value"])
     if None in by_fold and len(by_fold) > 1:
         raise ValueError(f"the rows of {key} mix cross-validation folds and a fixed split: give the cross-validated entry its own dataset name")
     folds = sorted((fold for fold in by_fold if fold is not None), key=fold_order)
-    values = [fmean(by_fold[fold]) for fold in folds] if folds else by_fold[None]
+    paired = {fold: fmean(by_fold[fold]) for fold in folds} if folds else {row["seed"]: row["value"] for row in group}
+    values = list(paired.values())
     seeds = sorted({row["seed"] for row in group}) if folds else sorted(row["seed"] for row in group)
-    return {"mean": fmean(values), "std": stdev(values) if len(values) > 1 else 0.0, "n": len(seeds), "seeds": seeds, "folds": folds}
+    return {"mean": fmean(values), "std": stdev(values) if len(values) > 1 else 0.0, "n": len(seeds), "seeds": seeds, "folds": folds, "values": paired}
 
 
 def fold_order(fold: str) -> tuple:
@@ -71,11 +72,12 @@ def fold_order(fold: str) -> tuple:
 
 
 def add_gains(summary: list[dict], reference: str = RANDOM_INIT) -> None:
-    """Sets ``reference`` (the method name), ``gain`` (mean minus the reference's mean of the same
-    dataset, protocol, metric and backbone) and ``gain_std`` (the two stds combined as for a
-    difference of independent means) on every entry; both are None on the reference's entries and
-    where the backbone has no reference row (``has_reference`` tells the two apart;
-    ``dataset_has_reference``: any backbone has one)."""
+    """Sets ``reference`` (the method name), ``gain`` and ``gain_std`` (the mean and sample std of
+    the entry's value minus the reference's of the same dataset, protocol, metric and backbone,
+    seed by seed, over the seeds (folds) both ran: a row of one seed is not measured against a
+    three-seed mean) and ``gain_seeds`` (those seeds) on every entry. ``gain`` is None on the
+    reference's entries, where the backbone has no reference row (``has_reference`` tells these
+    apart; ``dataset_has_reference``: any backbone has one) and where the two share no seed."""
     references = {reference_key(e): e for e in summary if e["method"] == reference}
     datasets_with_reference = {key[0] for key in references}
     for entry in summary:
@@ -84,8 +86,11 @@ def add_gains(summary: list[dict], reference: str = RANDOM_INIT) -> None:
         entry["has_reference"] = found is not None
         entry["dataset_has_reference"] = entry["dataset"] in datasets_with_reference
         known = found is not None and not is_reference(entry) and entry["protocol"] != DIAGNOSTIC
-        entry["gain"] = entry["mean"] - found["mean"] if known else None
-        entry["gain_std"] = hypot(entry["std"], found["std"]) if known else None
+        shared = sorted(set(entry["values"]) & set(found["values"]), key=str) if known else []
+        gains = [entry["values"][seed] - found["values"][seed] for seed in shared]
+        entry["gain_seeds"] = shared
+        entry["gain"] = fmean(gains) if gains else None
+        entry["gain_std"] = (stdev(gains) if len(gains) > 1 else 0.0) if gains else None
 
 
 def is_reference(entry: dict) -> bool:
@@ -113,7 +118,8 @@ def gain_text(entry: dict) -> str:
     if is_reference(entry) or entry["protocol"] == DIAGNOSTIC:
         return ""
     if entry["gain"] is None:
-        return f"no {reference_words(entry)[1]} row for this backbone"
+        where = "on the same seeds" if entry["has_reference"] else "for this backbone"
+        return f"no {reference_words(entry)[1]} row {where}"
     return f"{100 * entry['gain']:+.1f}".replace("-", "−")
 
 
@@ -263,6 +269,6 @@ def board_note(ranked: list[tuple[str, dict[Column, dict]]]) -> str:
     if folds != {0}:  # cross-validation: a fold's value is the mean over its seeds
         over = (plural(folds.pop(), "fold") if len(folds) == 1 else "the folds") + f" (each the test split once) of {over}"
     return (
-        f"Mean ± std over {over}, in %. Δ: the gain over the {board_reference_words(ranked)[1]} row of the same backbone, in points; "
+        f"Mean ± std over {over}, in %. Δ: the gain over the {board_reference_words(ranked)[1]} row of the same backbone, seed by seed on the seeds both ran, in points; "
         "best per column in bold. Budget: wall time per cell (pretraining and evaluation) and pretraining epochs."
     )
