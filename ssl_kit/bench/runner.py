@@ -87,7 +87,12 @@ class Entry:
     folder (``BACKBONE_FILE``); where it has not run on this machine, this cell runs its pretraining
     first, in a folder of its own. ``init_dataset``: the named entry's dataset, where it is not this
     entry's (one pretraining feeds the self-training of every label count: the label count does not
-    change a self-supervised run)."""
+    change a self-supervised run).
+
+    ``data_seed_arg``: an argument (``--data.seed``) that gets the cell's seed too, so each seed
+    also draws its own DataModule splits: a self-training entry's labeled set, as USB's seeds do.
+    Unset, the splits are the DataModule's fixed ones and the seed varies only the initialisation,
+    the batches and the augmentations."""
 
     method: str
     dataset: str
@@ -102,11 +107,12 @@ class Entry:
     fold_arg: str = "--data.fold"
     init_from: str | None = None
     init_dataset: str | None = None
+    data_seed_arg: str | None = None
 
 
 #: Entry fields added after stores were written: at these values they stay out of a cell's key, so
 #: stored cells keep theirs (``seeds`` and ``folds`` never enter: the cell's own seed and fold do).
-LATER_FIELDS = {"pipeline": "ssl_kit", "reference": None, "fold_arg": "--data.fold", "init_from": None, "init_dataset": None}
+LATER_FIELDS = {"pipeline": "ssl_kit", "reference": None, "fold_arg": "--data.fold", "init_from": None, "init_dataset": None, "data_seed_arg": None}
 #: Protocol settings added after stores were written, at the value every earlier row had: written
 #: out in a suite, they stay out of its cells' keys too (``few_label``'s choice on the whole val split).
 LATER_PROTOCOL_SETTINGS = {"few_label": {"selection": "val"}}
@@ -158,6 +164,7 @@ class Cell:
         return [
             "--config", self.entry.config, *self.entry.args, *([self.entry.fold_arg, str(self.fold)] if self.fold is not None else []),
             *(["--model.init_from", str(init_from)] if init_from is not None else []),
+            *([self.entry.data_seed_arg, str(self.seed)] if self.entry.data_seed_arg is not None else []),
             "--seed_everything", str(self.seed), "--trainer.default_root_dir", str(self.root),
         ]  # fmt: skip
 

@@ -203,6 +203,29 @@ def test_init_dataset_starts_self_training_from_another_datasets_pretraining(tmp
         init_entry(Entry(**{**vars(more), "init_from": None}), entries)
 
 
+def test_data_seed_arg_draws_a_labeled_set_per_seed(tmp_path):
+    """USB's seeds draw new labeled sets: with ``data_seed_arg`` each cell's seed reaches the
+    DataModule, so seeds 0 and 1 train on different labeled images (seed 0's the same as the
+    fixed split's); without it every seed shares the fixed split, and stored keys are unchanged."""
+    from ssl_kit.bench.runner import Entry, cell_key
+    from ssl_kit.cli import SSLCLI
+
+    config = str(REPO / "configs" / "mean_teacher_digits.yaml")
+    fixed = Entry("FixMatch", "Digits (4 labels)", config, ["--data.labels_per_class", "4"])
+    drawn = Entry(**{**vars(fixed), "data_seed_arg": "--data.seed"})
+
+    def labeled(entry: Entry, seed: int) -> list[int]:
+        cli = SSLCLI(args=Cell("s", entry, seed, {}, tmp_path).fit_args(), run=False)
+        cli.datamodule.setup("fit")
+        return cli.datamodule.few_label.labeled.tolist()
+
+    assert labeled(fixed, 0) == labeled(fixed, 1) == labeled(drawn, 0) != labeled(drawn, 1)
+    assert len(labeled(drawn, 1)) == 4 * 10
+    stored = Entry("FixMatch", "Digits (4 labels)", "configs/mean_teacher_digits.yaml")
+    assert cell_key("s", stored, 0, {}) == "af6f41a08752a1fc"  # computed before the field existed
+    assert cell_key("s", drawn, 0, {}) != cell_key("s", fixed, 0, {})
+
+
 def wait_for(condition, timeout: float) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
