@@ -86,7 +86,7 @@ def add_gains(summary: list[dict], reference: str = RANDOM_INIT) -> None:
         entry["has_reference"] = found is not None
         entry["dataset_has_reference"] = entry["dataset"] in datasets_with_reference
         known = found is not None and not is_reference(entry) and entry["protocol"] != DIAGNOSTIC
-        shared = sorted(set(entry["values"]) & set(found["values"]), key=str) if known else []
+        shared = sorted(set(entry["values"]) & set(found["values"])) if known else []  # one type: seeds or folds
         gains = [entry["values"][seed] - found["values"][seed] for seed in shared]
         entry["gain_seeds"] = shared
         entry["gain"] = fmean(gains) if gains else None
