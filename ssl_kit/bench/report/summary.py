@@ -53,15 +53,18 @@ def spread(group: list[dict], key: tuple) -> dict:
     """``mean``, ``std``, ``n`` (seeds), ``seeds``, ``folds`` and ``values`` of one group's rows:
     the mean ± sample std over seeds or, for cross-validation rows (``fold`` set), over folds, a
     fold's value being the mean over its seeds (one test fold is one estimate, however many seeds
-    ran on it); ``values`` maps each seed (fold) to its value, which ``add_gains`` pairs."""
+    ran on it); ``values`` maps each seed (fold) to its value (the mean of a seed's rows, were there
+    several), which ``add_gains`` pairs."""
     by_fold: dict[str | None, list[float]] = defaultdict(list)
+    by_seed: dict[int, list[float]] = defaultdict(list)
     for row in group:
         by_fold[row.get("fold")].append(row["value"])
+        by_seed[row["seed"]].append(row["value"])
     if None in by_fold and len(by_fold) > 1:
         raise ValueError(f"the rows of {key} mix cross-validation folds and a fixed split: give the cross-validated entry its own dataset name")
     folds = sorted((fold for fold in by_fold if fold is not None), key=fold_order)
-    paired = {fold: fmean(by_fold[fold]) for fold in folds} if folds else {row["seed"]: row["value"] for row in group}
-    values = list(paired.values())
+    values = [fmean(by_fold[fold]) for fold in folds] if folds else by_fold[None]
+    paired = dict(zip(folds, values)) if folds else {seed: fmean(seed_values) for seed, seed_values in by_seed.items()}
     seeds = sorted({row["seed"] for row in group}) if folds else sorted(row["seed"] for row in group)
     return {"mean": fmean(values), "std": stdev(values) if len(values) > 1 else 0.0, "n": len(seeds), "seeds": seeds, "folds": folds, "values": paired}
 
